@@ -1,0 +1,191 @@
+// Bindings: elementwise transforms, mean-field log-density and entropy, priors, closed-form KL.
+#include <optional>
+
+#include "pybind.hpp"
+#include "vigrad/gradients.hpp"
+#include "vigrad/meanfield.hpp"
+#include "vigrad/priors.hpp"
+
+namespace vigrad::bind {
+
+namespace {
+
+template <class Real>
+carray<Real> run_transform(core::Transform t, carray<Real> x, int workers) {
+  check_workers(workers);
+  carray<Real> y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+  const std::int64_t n = x.size();
+  const Real* xp = x.data();
+  Real* yp = y.mutable_data();
+  {
+    py::gil_scoped_release release;
+    core::transform<Real>(t, xp, n, yp, workers);
+  }
+  return y;
+}
+
+// Calls f(prior) with the scalar- or array-parameter form of the Normal prior.
+template <class Real, class F>
+auto with_normal(const carray<Real>& m, const carray<Real>& s, std::int64_t D, F&& f) {
+  const bool am = param_is_array(m, D, "prior loc");
+  const bool as = param_is_array(s, D, "prior scale");
+  if (am != as) throw py::value_error("prior loc and prior scale must both have size 1 or both size D");
+  if (am) return f(core::NormalPrior<Real, true>(m.data(), s.data()));
+  return f(core::NormalPrior<Real, false>(m.data(), s.data()));
+}
+
+template <class Real, class F>
+auto with_mixture(const carray<Real>& pi, const carray<Real>& s1, const carray<Real>& s2, std::int64_t D, F&& f) {
+  const bool a = param_is_array(pi, D, "pi");
+  if (param_is_array(s1, D, "sigma1") != a || param_is_array(s2, D, "sigma2") != a)
+    throw py::value_error("pi, sigma1 and sigma2 must all have size 1 or all size D");
+  if (a) return f(core::MixturePrior<Real, true>(pi.data(), s1.data(), s2.data()));
+  return f(core::MixturePrior<Real, false>(pi.data(), s1.data(), s2.data()));
+}
+
+template <class Real, class Prior>
+carray<Real> log_prob_rows(const Prior& prior, const carray<Real>& w, int workers) {
+  const std::int64_t S = w.shape(0), D = w.shape(1);
+  carray<Real> out(S);
+  std::vector<double> work(static_cast<std::size_t>(S * core::num_blocks(D)));
+  const Real* wp = w.data();
+  Real* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    core::prior_log_prob<Real>(prior, wp, S, D, o, work.data(), workers);
+  }
+  return out;
+}
+
+template <class Real, class Prior>
+carray<Real> grad_rows(const Prior& prior, const carray<Real>& w, int workers) {
+  const std::int64_t S = w.shape(0), D = w.shape(1);
+  carray<Real> out({S, D});
+  const Real* wp = w.data();
+  Real* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    core::prior_grad_log_prob<Real>(prior, wp, S, D, o, workers);
+  }
+  return out;
+}
+
+template <class Real>
+void def_dists(py::module_& m) {
+  m.def("softplus", [](carray<Real> x, int w) { return run_transform<Real>(core::Transform::kSoftplus, x, w); },
+        py::arg("x").noconvert(), py::arg("workers"), "softplus(x) = log(1 + exp(x)), stable.");
+  m.def("softplus_inv",
+        [](carray<Real> y, int w) { return run_transform<Real>(core::Transform::kSoftplusInv, y, w); },
+        py::arg("y").noconvert(), py::arg("workers"), "Inverse softplus, y > 0.");
+  m.def("sigmoid", [](carray<Real> x, int w) { return run_transform<Real>(core::Transform::kSigmoid, x, w); },
+        py::arg("x").noconvert(), py::arg("workers"), "Logistic sigmoid, stable.");
+
+  m.def(
+      "mf_log_prob",
+      [](carray<Real> loc, carray<Real> scale, carray<Real> w, int workers) {
+        require_ndim(loc, 1, "loc");
+        const std::int64_t D = loc.shape(0);
+        require_shape(scale, {D}, "scale", "(D,) like loc");
+        require_ndim(w, 2, "w");
+        const std::int64_t S = w.shape(0);
+        require_shape(w, {S, D}, "w", "(S, D) with D = loc.size");
+        check_workers(workers);
+        carray<Real> out(S);
+        const std::int64_t nb = core::num_blocks(D);
+        std::vector<double> work(static_cast<std::size_t>(std::max<std::int64_t>(S, 1) * nb));
+        const Real *l = loc.data(), *sc = scale.data(), *wp = w.data();
+        Real* o = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          core::mf_log_prob<Real>(l, sc, wp, S, D, o, work.data(), workers);
+        }
+        return out;
+      },
+      py::arg("loc").noconvert(), py::arg("scale").noconvert(), py::arg("w").noconvert(), py::arg("workers"),
+      "log q(w[s]) summed over the event, (S, D) -> (S,).");
+  m.def(
+      "mf_entropy",
+      [](carray<Real> scale, int workers) {
+        require_ndim(scale, 1, "scale");
+        check_workers(workers);
+        const std::int64_t D = scale.shape(0);
+        std::vector<double> work(static_cast<std::size_t>(core::num_blocks(D)));
+        const Real* sc = scale.data();
+        py::gil_scoped_release release;
+        return core::mf_entropy<Real>(sc, D, work.data(), workers);
+      },
+      py::arg("scale").noconvert(), py::arg("workers"), "Entropy of the mean-field Gaussian, summed over the event.");
+
+  m.def(
+      "normal_log_prob",
+      [](carray<Real> w, carray<Real> loc, carray<Real> scale, int workers) {
+        require_ndim(w, 2, "w");
+        check_workers(workers);
+        return with_normal<Real>(loc, scale, w.shape(1),
+                                 [&](const auto& p) { return log_prob_rows<Real>(p, w, workers); });
+      },
+      py::arg("w").noconvert(), py::arg("loc").noconvert(), py::arg("scale").noconvert(), py::arg("workers"),
+      "log N(w | loc, scale^2) summed over each row of w (S, D).");
+  m.def(
+      "normal_grad_log_prob",
+      [](carray<Real> w, carray<Real> loc, carray<Real> scale, int workers) {
+        require_ndim(w, 2, "w");
+        check_workers(workers);
+        return with_normal<Real>(loc, scale, w.shape(1),
+                                 [&](const auto& p) { return grad_rows<Real>(p, w, workers); });
+      },
+      py::arg("w").noconvert(), py::arg("loc").noconvert(), py::arg("scale").noconvert(), py::arg("workers"),
+      "d log N(w | loc, scale^2) / dw, elementwise over (S, D).");
+  m.def(
+      "mixture_log_prob",
+      [](carray<Real> w, carray<Real> pi, carray<Real> s1, carray<Real> s2, int workers) {
+        require_ndim(w, 2, "w");
+        check_workers(workers);
+        return with_mixture<Real>(pi, s1, s2, w.shape(1),
+                                  [&](const auto& p) { return log_prob_rows<Real>(p, w, workers); });
+      },
+      py::arg("w").noconvert(), py::arg("pi").noconvert(), py::arg("sigma1").noconvert(),
+      py::arg("sigma2").noconvert(), py::arg("workers"),
+      "log of the scale-mixture prior summed over each row of w (S, D).");
+  m.def(
+      "mixture_grad_log_prob",
+      [](carray<Real> w, carray<Real> pi, carray<Real> s1, carray<Real> s2, int workers) {
+        require_ndim(w, 2, "w");
+        check_workers(workers);
+        return with_mixture<Real>(pi, s1, s2, w.shape(1),
+                                  [&](const auto& p) { return grad_rows<Real>(p, w, workers); });
+      },
+      py::arg("w").noconvert(), py::arg("pi").noconvert(), py::arg("sigma1").noconvert(),
+      py::arg("sigma2").noconvert(), py::arg("workers"), "d log p / dw of the scale-mixture prior over (S, D).");
+
+  m.def(
+      "kl_mf_normal",
+      [](carray<Real> loc, carray<Real> rho, carray<Real> prior_loc, carray<Real> prior_scale, double kl_weight,
+         int workers) {
+        require_ndim(loc, 1, "loc");
+        const std::int64_t D = loc.shape(0);
+        require_shape(rho, {D}, "rho", "(D,) like loc");
+        check_workers(workers);
+        carray<Real> gl(D), gr(D);
+        std::vector<double> work(static_cast<std::size_t>(core::num_blocks(D)));
+        const Real *l = loc.data(), *r = rho.data();
+        Real *glp = gl.mutable_data(), *grp = gr.mutable_data();
+        const double kl = with_normal<Real>(prior_loc, prior_scale, D, [&](const auto& p) {
+          py::gil_scoped_release release;
+          return core::kl_normal<Real>(l, r, D, p, kl_weight, glp, grp, work.data(), workers);
+        });
+        return py::make_tuple(kl, gl, gr);
+      },
+      py::arg("loc").noconvert(), py::arg("rho").noconvert(), py::arg("prior_loc").noconvert(),
+      py::arg("prior_scale").noconvert(), py::arg("kl_weight"), py::arg("workers"),
+      "(KL[q || N(prior_loc, prior_scale^2)], kl_weight * dKL/dloc, kl_weight * dKL/drho).");
+}
+
+}  // namespace
+
+void bind_distributions(py::module_& m) {
+  def_dists<double>(m);
+  def_dists<float>(m);
+}
+
+}  // namespace vigrad::bind

@@ -1,0 +1,155 @@
+// Bindings: the fused pathwise gradient of Proposition 1 and the score-function gradient.
+#include <string>
+
+#include "pybind.hpp"
+#include "vigrad/gradients.hpp"
+#include "vigrad/priors.hpp"
+
+namespace vigrad::bind {
+
+namespace {
+
+struct Dims {
+  std::int64_t S, D;
+};
+
+template <class Real>
+Dims check_pathwise(const carray<Real>& loc, const carray<Real>& rho, const carray<Real>& eps,
+                    const carray<Real>& glik) {
+  require_ndim(loc, 1, "loc");
+  const std::int64_t D = loc.shape(0);
+  require_shape(rho, {D}, "rho", "(D,) like loc");
+  require_ndim(eps, 2, "eps");
+  const std::int64_t S = eps.shape(0);
+  require_shape(eps, {S, D}, "eps", "(S, D) with D = loc.size");
+  require_shape(glik, {S, D}, "grad_log_lik", "(S, D) like eps");
+  if (S < 1) throw py::value_error("eps must hold at least one sample, got S = 0");
+  return {S, D};
+}
+
+core::KLMode parse_mode(const std::string& mode, bool allow_analytic) {
+  if (mode == "mc") return core::KLMode::kMC;
+  if (mode == "stl") return core::KLMode::kSTL;
+  if (mode == "analytic" && allow_analytic) return core::KLMode::kAnalytic;
+  throw py::value_error(std::string("mode must be ") + (allow_analytic ? "'mc', 'stl' or 'analytic'" : "'mc' or 'stl'") +
+                        ", got '" + mode + "'");
+}
+
+template <class Real, class Prior>
+py::tuple run_pathwise(core::KLMode mode, const carray<Real>& loc, const carray<Real>& rho, const carray<Real>& eps,
+                       const carray<Real>& glik, Dims d, const Prior& prior, double kl_weight, int workers) {
+  carray<Real> gl(d.D), gr(d.D);
+  std::vector<double> work(static_cast<std::size_t>(core::num_blocks(d.D)));
+  const Real *l = loc.data(), *r = rho.data(), *e = eps.data(), *g = glik.data();
+  Real *glp = gl.mutable_data(), *grp = gr.mutable_data();
+  bool finite = true;
+  double kl = 0.0;
+  {
+    py::gil_scoped_release release;
+    switch (mode) {
+      case core::KLMode::kMC:
+        kl = core::pathwise_grad<core::KLMode::kMC>(l, r, e, g, d.S, d.D, prior, kl_weight, glp, grp, work.data(),
+                                                    &finite, workers);
+        break;
+      case core::KLMode::kSTL:
+        kl = core::pathwise_grad<core::KLMode::kSTL>(l, r, e, g, d.S, d.D, prior, kl_weight, glp, grp, work.data(),
+                                                     &finite, workers);
+        break;
+      case core::KLMode::kAnalytic:
+        if constexpr (std::is_same_v<Prior, core::NormalPrior<Real, true>> ||
+                      std::is_same_v<Prior, core::NormalPrior<Real, false>>) {
+          kl = core::pathwise_grad<core::KLMode::kAnalytic>(l, r, e, g, d.S, d.D, prior, kl_weight, glp, grp,
+                                                            work.data(), &finite, workers);
+        }
+        break;
+    }
+  }
+  return py::make_tuple(gl, gr, kl, finite);
+}
+
+template <class Real>
+void def_grads(py::module_& m) {
+  m.def(
+      "pathwise_grad_normal",
+      [](carray<Real> loc, carray<Real> rho, carray<Real> eps, carray<Real> glik, carray<Real> prior_loc,
+         carray<Real> prior_scale, const std::string& mode, double kl_weight, int workers) {
+        const Dims d = check_pathwise(loc, rho, eps, glik);
+        const core::KLMode md = parse_mode(mode, true);
+        check_workers(workers);
+        const bool am = param_is_array(prior_loc, d.D, "prior loc");
+        if (am != param_is_array(prior_scale, d.D, "prior scale"))
+          throw py::value_error("prior loc and prior scale must both have size 1 or both size D");
+        if (am)
+          return run_pathwise(md, loc, rho, eps, glik, d,
+                              core::NormalPrior<Real, true>(prior_loc.data(), prior_scale.data()), kl_weight, workers);
+        return run_pathwise(md, loc, rho, eps, glik, d,
+                            core::NormalPrior<Real, false>(prior_loc.data(), prior_scale.data()), kl_weight, workers);
+      },
+      py::arg("loc").noconvert(), py::arg("rho").noconvert(), py::arg("eps").noconvert(),
+      py::arg("grad_log_lik").noconvert(), py::arg("prior_loc").noconvert(), py::arg("prior_scale").noconvert(),
+      py::arg("mode"), py::arg("kl_weight"), py::arg("workers"),
+      "Fused Proposition-1 gradient with a Normal prior: (grad_loc, grad_rho, kl_part, finite).");
+  m.def(
+      "pathwise_grad_mixture",
+      [](carray<Real> loc, carray<Real> rho, carray<Real> eps, carray<Real> glik, carray<Real> pi,
+         carray<Real> s1, carray<Real> s2, const std::string& mode, double kl_weight, int workers) {
+        const Dims d = check_pathwise(loc, rho, eps, glik);
+        const core::KLMode md = parse_mode(mode, false);
+        check_workers(workers);
+        const bool a = param_is_array(pi, d.D, "pi");
+        if (param_is_array(s1, d.D, "sigma1") != a || param_is_array(s2, d.D, "sigma2") != a)
+          throw py::value_error("pi, sigma1 and sigma2 must all have size 1 or all size D");
+        if (a)
+          return run_pathwise(md, loc, rho, eps, glik, d,
+                              core::MixturePrior<Real, true>(pi.data(), s1.data(), s2.data()), kl_weight, workers);
+        return run_pathwise(md, loc, rho, eps, glik, d,
+                            core::MixturePrior<Real, false>(pi.data(), s1.data(), s2.data()), kl_weight, workers);
+      },
+      py::arg("loc").noconvert(), py::arg("rho").noconvert(), py::arg("eps").noconvert(),
+      py::arg("grad_log_lik").noconvert(), py::arg("pi").noconvert(), py::arg("sigma1").noconvert(),
+      py::arg("sigma2").noconvert(), py::arg("mode"), py::arg("kl_weight"), py::arg("workers"),
+      "Fused Proposition-1 gradient with the scale-mixture prior: (grad_loc, grad_rho, kl_part, finite).");
+  m.def(
+      "score_grad",
+      [](carray<Real> loc, carray<Real> rho, carray<Real> eps, carray<Real> f, const std::string& baseline,
+         double baseline_value, int workers) {
+        require_ndim(loc, 1, "loc");
+        const std::int64_t D = loc.shape(0);
+        require_shape(rho, {D}, "rho", "(D,) like loc");
+        require_ndim(eps, 2, "eps");
+        const std::int64_t S = eps.shape(0);
+        require_shape(eps, {S, D}, "eps", "(S, D) with D = loc.size");
+        require_shape(f, {S}, "f", "(S,) with S = eps.shape[0]");
+        if (S < 1) throw py::value_error("eps must hold at least one sample, got S = 0");
+        core::Baseline b;
+        if (baseline == "none") b = core::Baseline::kNone;
+        else if (baseline == "constant") b = core::Baseline::kConstant;
+        else if (baseline == "loo") b = core::Baseline::kLeaveOneOut;
+        else throw py::value_error("baseline must be 'none', 'constant' or 'loo', got '" + baseline + "'");
+        if (b == core::Baseline::kLeaveOneOut && S < 2)
+          throw py::value_error("the leave-one-out baseline needs at least 2 samples, got S = " + std::to_string(S));
+        check_workers(workers);
+        carray<Real> gl(D), gr(D);
+        std::vector<double> coef(static_cast<std::size_t>(S));
+        const Real *l = loc.data(), *r = rho.data(), *e = eps.data(), *fp = f.data();
+        Real *glp = gl.mutable_data(), *grp = gr.mutable_data();
+        bool finite;
+        {
+          py::gil_scoped_release release;
+          finite = core::score_grad<Real>(l, r, e, fp, S, D, b, baseline_value, glp, grp, coef.data(), workers);
+        }
+        return py::make_tuple(gl, gr, finite);
+      },
+      py::arg("loc").noconvert(), py::arg("rho").noconvert(), py::arg("eps").noconvert(), py::arg("f").noconvert(),
+      py::arg("baseline"), py::arg("baseline_value"), py::arg("workers"),
+      "Score-function gradient of E_q[f]: (grad_loc, grad_rho, finite).");
+}
+
+}  // namespace
+
+void bind_gradients(py::module_& m) {
+  def_grads<double>(m);
+  def_grads<float>(m);
+}
+
+}  // namespace vigrad::bind

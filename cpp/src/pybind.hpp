@@ -1,0 +1,64 @@
+// Shared pybind11 helpers for vigrad's bindings.
+//
+// Convention: every array argument is declared `carray<Real>` with .noconvert(),
+// so a wrong dtype or a non-C-contiguous array raises TypeError (no silent copy);
+// shapes are checked here and raise ValueError.  The GIL is released only after
+// every Python object has been read.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace vigrad::bind {
+
+namespace py = pybind11;
+
+template <class T>
+using carray = py::array_t<T, py::array::c_style>;
+
+inline std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    s += std::to_string(a.shape(i));
+    if (a.ndim() == 1 || i + 1 < a.ndim()) s += a.ndim() == 1 ? "," : ", ";
+  }
+  return s + ")";
+}
+
+inline void require_ndim(const py::array& a, py::ssize_t ndim, const char* name) {
+  if (a.ndim() != ndim)
+    throw py::value_error(std::string(name) + " must be " + std::to_string(ndim) + "-D, got shape " +
+                          shape_str(a));
+}
+
+inline void require_shape(const py::array& a, std::vector<py::ssize_t> shape, const char* name,
+                          const std::string& what) {
+  bool same = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  for (std::size_t i = 0; same && i < shape.size(); ++i) same = a.shape(i) == shape[i];
+  if (!same) throw py::value_error(std::string(name) + " must have shape " + what + ", got " + shape_str(a));
+}
+
+// Prior parameters: 1-D, of size 1 (one value for every element) or D.
+inline bool param_is_array(const py::array& a, std::int64_t D, const char* name) {
+  require_ndim(a, 1, name);
+  if (a.shape(0) == 1) return false;
+  if (a.shape(0) == D) return true;
+  throw py::value_error(std::string(name) + " must have size 1 or " + std::to_string(D) + ", got " +
+                        std::to_string(a.shape(0)));
+}
+
+inline int check_workers(int workers) {
+  if (workers < 1) throw py::value_error("workers must be >= 1 at this level, got " + std::to_string(workers));
+  return workers;
+}
+
+void bind_rng(py::module_& m);
+void bind_distributions(py::module_& m);
+void bind_gradients(py::module_& m);
+
+}  // namespace vigrad::bind

@@ -1,0 +1,35 @@
+"""vigrad: fast, exact-to-the-bit gradient estimators for Gaussian variational inference.
+
+The C++ core (``vigrad._core``) samples, evaluates log-densities and computes the
+pathwise (Blundell et al. 2015, Proposition 1) and score-function gradients for
+mean-field Gaussian families; ``vigrad.reference`` is a pure-NumPy twin of every
+kernel that the tests hold the core to.
+"""
+
+from . import _core
+from ._validation import max_workers
+from .distributions import MeanFieldGaussian, Normal, ScaleMixtureNormal, kl_divergence
+from .estimators import ElboGrad, elbo_grad, pathwise_grad, score_grad
+
+__version__ = "0.1.0"
+
+#: True when the core was built with OpenMP threads.
+has_openmp: bool = bool(_core.has_openmp)
+
+#: How the core was built: compiler, flags, instruction set compiled in, OpenMP, libmvec.
+build_info: dict = dict(_core.build_info)
+
+__all__ = [
+    "__version__",
+    "has_openmp",
+    "max_workers",
+    "build_info",
+    "MeanFieldGaussian",
+    "Normal",
+    "ScaleMixtureNormal",
+    "kl_divergence",
+    "ElboGrad",
+    "elbo_grad",
+    "pathwise_grad",
+    "score_grad",
+]

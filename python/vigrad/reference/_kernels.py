@@ -1,0 +1,255 @@
+"""NumPy reference kernels (see the package docstring).  ``workers`` is accepted and ignored."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "philox4x32_10", "standard_normal", "sample", "softplus", "softplus_inv", "sigmoid",
+    "mf_log_prob", "mf_entropy", "normal_log_prob", "normal_grad_log_prob", "mixture_log_prob",
+    "mixture_grad_log_prob", "kl_mf_normal", "pathwise_grad_normal", "pathwise_grad_mixture", "score_grad",
+]
+
+_HALF_LOG_2PI = 0.5 * np.log(2.0 * np.pi)
+_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+# -- Philox4x32-10 and the normal transform ---------------------------------------------
+
+def _philox(x0, x1, x2, x3, key):
+    """Philox4x32-10 on uint32 arrays, 64-bit key split as (low, high)."""
+    k0, k1 = key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF
+    x0, x1, x2, x3 = (np.asarray(x, dtype=np.uint32) for x in (x0, x1, x2, x3))
+    for _ in range(10):
+        p0 = x0.astype(np.uint64) * _M0
+        p1 = x2.astype(np.uint64) * _M1
+        y0 = (p1 >> np.uint64(32)).astype(np.uint32) ^ x1 ^ np.uint32(k0)
+        y1 = (p1 & _MASK32).astype(np.uint32)
+        y2 = (p0 >> np.uint64(32)).astype(np.uint32) ^ x3 ^ np.uint32(k1)
+        y3 = (p0 & _MASK32).astype(np.uint32)
+        x0, x1, x2, x3 = y0, y1, y2, y3
+        k0, k1 = (k0 + _W0) & 0xFFFFFFFF, (k1 + _W1) & 0xFFFFFFFF
+    return x0, x1, x2, x3
+
+
+def philox4x32_10(counters, key):
+    """Philox4x32-10 of each row of counters (n, 4) uint32 under the 64-bit key."""
+    c = np.asarray(counters, dtype=np.uint32)
+    out = _philox(c[:, 0], c[:, 1], c[:, 2], c[:, 3], int(key))
+    return np.stack(out, axis=1)
+
+
+def _normals(key, S, D, dtype):
+    """(S, D) standard normals: draw (s, j) from counter (j // P, 0, s, 0) (low and high words)."""
+    P = 2 if dtype == np.float64 else 4
+    C = -(-D // P)
+    s, c = np.meshgrid(np.arange(S, dtype=np.uint64), np.arange(C, dtype=np.uint64), indexing="ij")
+    s, c = s.reshape(-1), c.reshape(-1)
+    lo = lambda v: (v & _MASK32).astype(np.uint32)  # noqa: E731
+    hi = lambda v: (v >> np.uint64(32)).astype(np.uint32)  # noqa: E731
+    x0, x1, x2, x3 = _philox(lo(c), hi(c), lo(s), hi(s), key)
+    if P == 2:
+        one = np.uint64(0x3FF0000000000000)
+        a = (x0.astype(np.uint64) << np.uint64(20)) | (x1.astype(np.uint64) >> np.uint64(12))
+        b = (x2.astype(np.uint64) << np.uint64(20)) | (x3.astype(np.uint64) >> np.uint64(12))
+        u1 = 2.0 - (a | one).view(np.float64)
+        u2 = (b | one).view(np.float64) - 1.0
+        r = np.sqrt(-2.0 * np.log(u1))
+        t = 6.283185307179586 * u2
+        z = np.stack([r * np.cos(t), r * np.cos(t - 1.5707963267948966)], axis=1)
+    else:
+        f = np.float32
+        s31, s32, s24 = f(2.0**-31), f(2.0**-32), f(2.0**-24)
+        two_pi, half_pi = f(6.28318530717958648), f(1.57079632679489662)
+        u1a = (x0 >> np.uint32(1)).astype(np.int32).astype(f) * s31 + s32
+        u2a = (x1 >> np.uint32(8)).astype(np.int32).astype(f) * s24
+        u1b = (x2 >> np.uint32(1)).astype(np.int32).astype(f) * s31 + s32
+        u2b = (x3 >> np.uint32(8)).astype(np.int32).astype(f) * s24
+        ra, rb = np.sqrt(f(-2.0) * np.log(u1a)), np.sqrt(f(-2.0) * np.log(u1b))
+        ta, tb = two_pi * u2a, two_pi * u2b
+        z = np.stack([ra * np.cos(ta), ra * np.cos(ta - half_pi), rb * np.cos(tb), rb * np.cos(tb - half_pi)], axis=1)
+    return z.reshape(S, C * P)[:, :D].astype(dtype)
+
+
+def standard_normal(key, out, workers):
+    """Fill out (S, D) with the normal draws (key, s, j)."""
+    out[...] = _normals(int(key), out.shape[0], out.shape[1], out.dtype)
+
+
+def sample(key, loc, scale, w, eps, workers):
+    """w[s, j] = loc[j] + scale[j] * eps[s, j]; eps written when given."""
+    z = _normals(int(key), w.shape[0], w.shape[1], w.dtype)
+    if eps is not None:
+        eps[...] = z
+    w[...] = loc + scale * z
+
+
+# -- elementwise ----------------------------------------------------------------------------
+
+def _f64(x):
+    return np.asarray(x, dtype=np.float64)
+
+
+def softplus(x, workers):
+    return np.logaddexp(0.0, _f64(x)).astype(x.dtype)
+
+
+def softplus_inv(y, workers):
+    y64 = _f64(y)
+    return (y64 + np.log(-np.expm1(-y64))).astype(y.dtype)
+
+
+def sigmoid(x, workers):
+    x64 = _f64(x)
+    return np.exp(-np.logaddexp(0.0, -x64)).astype(x.dtype)
+
+
+# -- densities ------------------------------------------------------------------------------
+
+def mf_log_prob(loc, scale, w, workers):
+    z = (_f64(w) - _f64(loc)) / _f64(scale)
+    lp = -_HALF_LOG_2PI - np.log(_f64(scale)) - 0.5 * z * z
+    return lp.sum(axis=1).astype(w.dtype)
+
+
+def mf_entropy(scale, workers):
+    return float(np.sum(0.5 + _HALF_LOG_2PI + np.log(_f64(scale))))
+
+
+def _normal_lp(w, m, s):
+    z = (w - m) / s
+    return -_HALF_LOG_2PI - np.log(s) - 0.5 * z * z
+
+
+def normal_log_prob(w, loc, scale, workers):
+    return _normal_lp(_f64(w), _f64(loc), _f64(scale)).sum(axis=1).astype(w.dtype)
+
+
+def normal_grad_log_prob(w, loc, scale, workers):
+    return (-(_f64(w) - _f64(loc)) / _f64(scale) ** 2).astype(w.dtype)
+
+
+def _mixture_parts(w, pi, s1, s2):
+    a = np.log(pi) + _normal_lp(w, 0.0, s1)
+    b = np.log1p(-pi) + _normal_lp(w, 0.0, s2)
+    lp = np.logaddexp(a, b)
+    r1 = np.exp(a - lp)
+    r2 = np.exp(b - lp)
+    grad = -w * (r1 / s1**2 + r2 / s2**2)
+    return lp, grad
+
+
+def mixture_log_prob(w, pi, sigma1, sigma2, workers):
+    lp, _ = _mixture_parts(_f64(w), _f64(pi), _f64(sigma1), _f64(sigma2))
+    return lp.sum(axis=1).astype(w.dtype)
+
+
+def mixture_grad_log_prob(w, pi, sigma1, sigma2, workers):
+    _, g = _mixture_parts(_f64(w), _f64(pi), _f64(sigma1), _f64(sigma2))
+    return g.astype(w.dtype)
+
+
+def _kl_terms(loc, sigma, m, s):
+    return np.log(s) - np.log(sigma) + (sigma**2 + (loc - m) ** 2) / (2 * s**2) - 0.5
+
+
+def kl_mf_normal(loc, rho, prior_loc, prior_scale, kl_weight, workers):
+    """(KL[q || N(m, s^2)], kl_weight dKL/dloc, kl_weight dKL/drho)."""
+    mu, r = _f64(loc), _f64(rho)
+    m, s = _f64(prior_loc), _f64(prior_scale)
+    sigma = np.logaddexp(0.0, r)
+    sg = np.exp(-np.logaddexp(0.0, -r))
+    kl = float(np.sum(_kl_terms(mu, sigma, m, s)))
+    g_loc = kl_weight * (mu - m) / s**2
+    g_rho = kl_weight * (sigma / s**2 - 1.0 / sigma) * sg
+    return kl, g_loc.astype(loc.dtype), g_rho.astype(loc.dtype)
+
+
+# -- gradient estimators --------------------------------------------------------------------
+
+def _pathwise(loc, rho, eps, glik, prior_lp_grad, mode, kl_weight, analytic_prior=None):
+    """Proposition 1 written term by term:
+    d/dtheta f(t(theta, eps), theta) = df/dw dw/dtheta + df/dtheta,
+    f = kw (log q(w) - log p(w)) - log P(D|w), dw/dloc = 1, dw/drho = eps sigmoid(rho).
+    """
+    mu, r, e, g = _f64(loc), _f64(rho), _f64(eps), _f64(glik)
+    sigma = np.logaddexp(0.0, r)
+    sg = np.exp(-np.logaddexp(0.0, -r))
+    w = mu + sigma * e
+    S = e.shape[0]
+    if mode == "analytic":
+        m, s = analytic_prior
+        kl, gkl_loc, gkl_rho = kl_mf_normal(mu, r, m, s, kl_weight, 0)
+        df_dw = -g
+        g_loc = df_dw.mean(axis=0) + gkl_loc
+        g_rho = (df_dw * e * sg).mean(axis=0) + gkl_rho
+        return g_loc, g_rho, kl
+    lp, gp = prior_lp_grad(w)
+    dlogq_dw = -(w - mu) / sigma**2
+    df_dw = kl_weight * (dlogq_dw - gp) - g
+    g_loc = (df_dw * 1.0).mean(axis=0)
+    g_rho = (df_dw * e * sg).mean(axis=0)
+    if mode == "mc":
+        # direct terms: d log q / dloc = (w - mu) / sigma^2,
+        # d log q / drho = (-1 / sigma + (w - mu)^2 / sigma^3) sigmoid(rho)
+        g_loc = g_loc + kl_weight * ((w - mu) / sigma**2).mean(axis=0)
+        g_rho = g_rho + kl_weight * ((-1.0 / sigma + (w - mu) ** 2 / sigma**3) * sg).mean(axis=0)
+    log_q = -_HALF_LOG_2PI - np.log(sigma) - 0.5 * ((w - mu) / sigma) ** 2
+    kl = float(np.sum(log_q - lp) / S)
+    return g_loc, g_rho, kl
+
+
+def _finish(loc, g_loc, g_rho, kl):
+    gl, gr = g_loc.astype(loc.dtype), g_rho.astype(loc.dtype)
+    finite = bool(np.isfinite(gl).all() and np.isfinite(gr).all() and np.isfinite(kl))
+    return gl, gr, kl, finite
+
+
+def _check_mode(mode, allowed):
+    if mode not in allowed:
+        raise ValueError(f"mode must be one of {allowed}, got {mode!r}")
+
+
+def pathwise_grad_normal(loc, rho, eps, grad_log_lik, prior_loc, prior_scale, mode, kl_weight, workers):
+    """(grad_loc, grad_rho, kl_part, finite) for a Normal prior; mode 'mc', 'stl' or 'analytic'."""
+    _check_mode(mode, ("mc", "stl", "analytic"))
+    m, s = _f64(prior_loc), _f64(prior_scale)
+
+    def prior_lp_grad(w):
+        return _normal_lp(w, m, s), -(w - m) / s**2
+
+    with np.errstate(all="ignore"):
+        out = _pathwise(loc, rho, eps, grad_log_lik, prior_lp_grad, mode, kl_weight, (m, s))
+    return _finish(loc, *out)
+
+
+def pathwise_grad_mixture(loc, rho, eps, grad_log_lik, pi, sigma1, sigma2, mode, kl_weight, workers):
+    """(grad_loc, grad_rho, kl_part, finite) for the scale-mixture prior; mode 'mc' or 'stl'."""
+    _check_mode(mode, ("mc", "stl"))
+    p, s1, s2 = _f64(pi), _f64(sigma1), _f64(sigma2)
+    with np.errstate(all="ignore"):
+        out = _pathwise(loc, rho, eps, grad_log_lik, lambda w: _mixture_parts(w, p, s1, s2), mode, kl_weight)
+    return _finish(loc, *out)
+
+
+def score_grad(loc, rho, eps, f, baseline, baseline_value, workers):
+    """(grad_loc, grad_rho, finite): mean_s (f_s - b_s) d log q(w_s) / dtheta."""
+    e, r, fv = _f64(eps), _f64(rho), _f64(f)
+    S = e.shape[0]
+    if baseline == "none":
+        b = np.zeros(S)
+    elif baseline == "constant":
+        b = np.full(S, float(baseline_value))
+    elif baseline == "loo":
+        b = (fv.sum() - fv) / (S - 1)
+    else:
+        raise ValueError(f"baseline must be 'none', 'constant' or 'loo', got {baseline!r}")
+    sigma = np.logaddexp(0.0, r)
+    sg = np.exp(-np.logaddexp(0.0, -r))
+    c = (fv - b)[:, None]
+    g_loc = (c * e / sigma).mean(axis=0)
+    g_rho = (c * (e * e - 1.0) * sg / sigma).mean(axis=0)
+    gl, gr = g_loc.astype(loc.dtype), g_rho.astype(loc.dtype)
+    return gl, gr, bool(np.isfinite(gl).all() and np.isfinite(gr).all())
