@@ -7,6 +7,7 @@ for a mean-field Gaussian q with theta = (loc, rho), scale = softplus(rho).
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -40,6 +41,35 @@ class ElboGrad(NamedTuple):
     """The KL part of F (unweighted): Monte Carlo for kl="mc", closed form for kl="analytic"."""
     log_lik: float
     """Mean of log P(D | w) over the samples."""
+
+
+_workspace = threading.local()
+
+
+class _NoiseBuffer:
+    """A per-thread (S, D) buffer for the noise, kept between calls: the noise never
+    leaves elbo_grad, and a fresh 8 MB array costs as much in page faults as the
+    sampling itself.  One buffer per thread, so concurrent calls never share it; a
+    call made from inside a log_lik callback (re-entrant) gets a fresh array."""
+
+    def __init__(self, S, D, dtype):
+        self.shape, self.dtype = (S, D), np.dtype(dtype)
+
+    def __enter__(self):
+        buf = getattr(_workspace, "eps", None)
+        if getattr(_workspace, "busy", False):
+            self.owned = False
+            return np.empty(self.shape, dtype=self.dtype)
+        if buf is None or buf.shape != self.shape or buf.dtype != self.dtype:
+            buf = np.empty(self.shape, dtype=self.dtype)
+            _workspace.eps = buf
+        _workspace.busy = self.owned = True
+        return buf
+
+    def __exit__(self, *exc):
+        if self.owned:
+            _workspace.busy = False
+        return False
 
 
 def _check_prior(prior):
@@ -288,37 +318,37 @@ def elbo_grad(q, log_lik, prior, *, num_samples=1, estimator="pathwise", kl="mc"
     D = q.size
     loc, rho, scale = q.loc.reshape(D), q.rho.reshape(D), q.scale.reshape(D)
     w = np.empty((S, D), dtype=q.dtype)
-    eps = np.empty((S, D), dtype=q.dtype)
-    _core.sample(key, loc, scale, w, eps, nw)
-    w_user = w.reshape((S,) + q.shape)
-    w_user.flags.writeable = False  # the callback must not change the samples it is shown
-    values, grads = _call_log_lik(log_lik, w_user, estimator != "score", q.dtype)
-    mean_ll = float(values.mean())
+    with _NoiseBuffer(S, D, q.dtype) as eps:
+        _core.sample(key, loc, scale, w, eps, nw)
+        w_user = w.reshape((S,) + q.shape)
+        w_user.flags.writeable = False  # the callback must not change the samples it is shown
+        values, grads = _call_log_lik(log_lik, w_user, estimator != "score", q.dtype)
+        mean_ll = float(values.mean())
 
-    if estimator in ("pathwise", "stl"):
-        mode = "analytic" if kl == "analytic" else estimator.replace("pathwise", "mc")
-        gl, gr, kl_part, finite = _run_pathwise(loc, rho, eps, grads.reshape(S, D), prior, mode, kw, nw)
+        if estimator in ("pathwise", "stl"):
+            mode = "analytic" if kl == "analytic" else estimator.replace("pathwise", "mc")
+            gl, gr, kl_part, finite = _run_pathwise(loc, rho, eps, grads.reshape(S, D), prior, mode, kw, nw)
+            if not finite:
+                raise _nonfinite_report([("log_lik grads", grads)], "the gradient")
+            return ElboGrad(kw * kl_part - mean_ll, gl.reshape(q.shape), gr.reshape(q.shape), kl_part, mean_ll)
+
+        # score function: f_s is the per-sample cost
+        if kl == "mc":
+            params = prior._flat_params(q.dtype, (D,))
+            log_q = _core.mf_log_prob(loc, scale, w, nw).astype(np.float64)
+            log_p = prior._log_prob(w, params, nw).astype(np.float64)
+            kl_s = log_q - log_p
+            f = kw * kl_s - values
+            kl_part = float(kl_s.mean())
+            g_kl_loc = g_kl_rho = None
+        else:
+            m, s = prior._flat_params(q.dtype, (D,))
+            kl_part, g_kl_loc, g_kl_rho = _core.kl_mf_normal(loc, rho, m, s, kw, nw)
+            f = -values
+        gl, gr, finite = _core.score_grad(loc, rho, eps, f.astype(q.dtype), bkind, bvalue, nw)
         if not finite:
-            raise _nonfinite_report([("log_lik grads", grads)], "the gradient")
+            raise _nonfinite_report([("log_lik values", values)], "the gradient")
+        if g_kl_loc is not None:
+            gl = gl + g_kl_loc
+            gr = gr + g_kl_rho
         return ElboGrad(kw * kl_part - mean_ll, gl.reshape(q.shape), gr.reshape(q.shape), kl_part, mean_ll)
-
-    # score function: f_s is the per-sample cost
-    if kl == "mc":
-        params = prior._flat_params(q.dtype, (D,))
-        log_q = _core.mf_log_prob(loc, scale, w, nw).astype(np.float64)
-        log_p = prior._log_prob(w, params, nw).astype(np.float64)
-        kl_s = log_q - log_p
-        f = kw * kl_s - values
-        kl_part = float(kl_s.mean())
-        g_kl_loc = g_kl_rho = None
-    else:
-        m, s = prior._flat_params(q.dtype, (D,))
-        kl_part, g_kl_loc, g_kl_rho = _core.kl_mf_normal(loc, rho, m, s, kw, nw)
-        f = -values
-    gl, gr, finite = _core.score_grad(loc, rho, eps, f.astype(q.dtype), bkind, bvalue, nw)
-    if not finite:
-        raise _nonfinite_report([("log_lik values", values)], "the gradient")
-    if g_kl_loc is not None:
-        gl = gl + g_kl_loc
-        gr = gr + g_kl_rho
-    return ElboGrad(kw * kl_part - mean_ll, gl.reshape(q.shape), gr.reshape(q.shape), kl_part, mean_ll)

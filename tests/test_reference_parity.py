@@ -1,0 +1,151 @@
+"""The C++ core against the pure-NumPy reference, kernel by kernel, on the same inputs
+(the same noise for the gradient estimators)."""
+
+import numpy as np
+import pytest
+
+from vigrad import _core
+from vigrad import reference as ref
+
+from conftest import SHAPES, assert_close, random_problem
+
+PRIOR_KINDS = ["scalar", "array"]
+
+
+def normal_params(D, dtype, kind):
+    if kind == "scalar":
+        return np.array([0.3], dtype), np.array([1.7], dtype)
+    rng = np.random.default_rng(5)
+    return rng.normal(size=D).astype(dtype), rng.uniform(0.5, 2.0, size=D).astype(dtype)
+
+
+def mixture_params(D, dtype, kind):
+    if kind == "scalar":
+        return np.array([0.25], dtype), np.array([1.0], dtype), np.array([np.exp(-6)], dtype)
+    rng = np.random.default_rng(6)
+    return (rng.uniform(0.1, 0.9, D).astype(dtype), rng.uniform(0.5, 2.0, D).astype(dtype),
+            rng.uniform(0.01, 0.2, D).astype(dtype))
+
+
+@pytest.mark.parametrize("S,D", SHAPES)
+def test_standard_normal_and_sample(S, D, dtype):
+    a, b = np.empty((S, D), dtype), np.empty((S, D), dtype)
+    _core.standard_normal(2024, a, 2)
+    ref.standard_normal(2024, b, 1)
+    # Box-Muller through libmvec vs NumPy's log/cos: a few ulp of |z| <= 8.5
+    assert_close(a, b, dtype, scale=10.0)
+    loc, rho, _, _ = random_problem(S, D, dtype)
+    scale = ref.softplus(rho, 1)
+    w1, e1, w2, e2 = (np.empty((S, D), dtype) for _ in range(4))
+    _core.sample(7, loc, scale, w1, e1, 2)
+    ref.sample(7, loc, scale, w2, e2, 1)
+    assert_close(e1, e2, dtype, scale=10.0)
+    assert_close(w1, w2, dtype, scale=10.0)
+    # w is built from the eps returned with it: within 2 ulp of the summands (the core may fuse a multiply-add)
+    ulp = np.finfo(dtype).eps
+    np.testing.assert_array_less(np.abs(w1 - (loc + scale * e1)), 2 * ulp * (np.abs(loc) + np.abs(scale * e1)) + 1e-300)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 1000, 4099])
+def test_elementwise_transforms(n, dtype):
+    x = np.random.default_rng(n).normal(scale=20.0, size=n).astype(dtype)
+    x[: n // 4] = np.linspace(-1000, 1000, n // 4)  # the stable forms hold far out
+    assert_close(_core.softplus(x, 2), ref.softplus(x, 1), dtype)
+    assert_close(_core.sigmoid(x, 2), ref.sigmoid(x, 1), dtype)
+    y = np.abs(x) + dtype(1e-3)
+    assert_close(_core.softplus_inv(y, 2), ref.softplus_inv(y, 1), dtype, scale=1.0)
+
+
+@pytest.mark.parametrize("S,D", SHAPES)
+def test_mf_log_prob_and_entropy(S, D, dtype):
+    loc, rho, eps, _ = random_problem(S, D, dtype)
+    scale = ref.softplus(rho, 1)
+    w = (loc + scale * eps).astype(dtype)
+    # row sums of D terms of size ~1
+    assert_close(_core.mf_log_prob(loc, scale, w, 2), ref.mf_log_prob(loc, scale, w, 1), dtype, scale=D + 1)
+    assert_close(_core.mf_entropy(scale, 2), ref.mf_entropy(scale, 1), dtype, scale=D + 1)
+
+
+@pytest.mark.parametrize("kind", PRIOR_KINDS)
+@pytest.mark.parametrize("S,D", SHAPES)
+def test_prior_kernels(S, D, dtype, kind):
+    w = (3.0 * np.random.default_rng(1).standard_normal((S, D))).astype(dtype)
+    m, s = normal_params(D, dtype, kind)
+    assert_close(_core.normal_log_prob(w, m, s, 2), ref.normal_log_prob(w, m, s, 1), dtype, scale=10 * (D + 1))
+    assert_close(_core.normal_grad_log_prob(w, m, s, 2), ref.normal_grad_log_prob(w, m, s, 1), dtype, scale=10)
+    pi, s1, s2 = mixture_params(D, dtype, kind)
+    assert_close(_core.mixture_log_prob(w, pi, s1, s2, 2), ref.mixture_log_prob(w, pi, s1, s2, 1), dtype,
+                 scale=10 * (D + 1))
+    # gradients reach |w| / s2^2 ~ 1e6 for the narrow component
+    g_scale = 1.0 / float(np.min(s2, initial=1.0)) ** 2 * 10
+    assert_close(_core.mixture_grad_log_prob(w, pi, s1, s2, 2), ref.mixture_grad_log_prob(w, pi, s1, s2, 1),
+                 dtype, scale=g_scale)
+
+
+@pytest.mark.parametrize("kind", PRIOR_KINDS)
+@pytest.mark.parametrize("D", [0, 1, 5, 3000])
+def test_kl_mf_normal(D, dtype, kind):
+    loc, rho, _, _ = random_problem(1, D, dtype)
+    m, s = normal_params(D, dtype, kind)
+    got, want = _core.kl_mf_normal(loc, rho, m, s, 0.7, 2), ref.kl_mf_normal(loc, rho, m, s, 0.7, 1)
+    assert_close(got[0], want[0], dtype, scale=D + 1)
+    assert_close(got[1], want[1], dtype, scale=10)
+    assert_close(got[2], want[2], dtype, scale=10)
+
+
+def _summand_scale(eps, glik):
+    if eps.size == 0:
+        return 10.0
+    return 10.0 * (1.0 + float(np.abs(glik).mean()) + float((eps * eps).mean()))
+
+
+@pytest.mark.parametrize("kind", PRIOR_KINDS)
+@pytest.mark.parametrize("mode", ["mc", "stl", "analytic"])
+@pytest.mark.parametrize("S,D", [(1, 1), (3, 5), (1000, 257), (2, 0)])
+def test_pathwise_grad_normal(S, D, dtype, mode, kind):
+    loc, rho, eps, glik = random_problem(S, D, dtype)
+    m, s = normal_params(D, dtype, kind)
+    got = _core.pathwise_grad_normal(loc, rho, eps, glik, m, s, mode, 0.3, 2)
+    want = ref.pathwise_grad_normal(loc, rho, eps, glik, m, s, mode, 0.3, 1)
+    sc = _summand_scale(eps, glik)
+    assert got[3] is True and want[3] is True
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    assert_close(got[0], want[0], dtype, scale=sc)
+    assert_close(got[1], want[1], dtype, scale=sc)
+    assert_close(got[2], want[2], dtype, scale=sc * (D + 1))
+
+
+@pytest.mark.parametrize("kind", PRIOR_KINDS)
+@pytest.mark.parametrize("mode", ["mc", "stl"])
+@pytest.mark.parametrize("S,D", [(1, 1), (3, 5), (1000, 257), (2, 0)])
+def test_pathwise_grad_mixture(S, D, dtype, mode, kind):
+    loc, rho, eps, glik = random_problem(S, D, dtype)
+    loc *= dtype(0.1)  # weights near zero, where both components matter
+    pi, s1, s2 = mixture_params(D, dtype, kind)
+    got = _core.pathwise_grad_mixture(loc, rho, eps, glik, pi, s1, s2, mode, 1.0, 2)
+    want = ref.pathwise_grad_mixture(loc, rho, eps, glik, pi, s1, s2, mode, 1.0, 1)
+    w = (loc + ref.softplus(rho, 1) * eps).astype(np.float64)
+    gp = ref.mixture_grad_log_prob(w, pi.astype(np.float64), s1.astype(np.float64), s2.astype(np.float64), 1)
+    # the summands are gp * (1, eps): their size sets the floor
+    sc = _summand_scale(eps, glik) + 10.0 * float(np.abs(gp * (1 + np.abs(eps))).mean()) if eps.size else 10.0
+    assert_close(got[0], want[0], dtype, scale=sc)
+    assert_close(got[1], want[1], dtype, scale=sc)
+    assert_close(got[2], want[2], dtype, scale=sc * (D + 1))
+
+
+@pytest.mark.parametrize("baseline,value", [("none", 0.0), ("constant", 1.5), ("loo", 0.0)])
+@pytest.mark.parametrize("S,D", [(2, 1), (3, 5), (1000, 257), (2, 0)])
+def test_score_grad(S, D, dtype, baseline, value):
+    loc, rho, eps, _ = random_problem(S, D, dtype)
+    f = np.random.default_rng(3).normal(size=S).astype(dtype)
+    got = _core.score_grad(loc, rho, eps, f, baseline, value, 2)
+    want = ref.score_grad(loc, rho, eps, f, baseline, value, 1)
+    sc = 10.0 * (1.0 + float(np.abs(f).mean()) + abs(value))
+    assert got[2] is True
+    assert_close(got[0], want[0], dtype, scale=sc)
+    assert_close(got[1], want[1], dtype, scale=sc)
+
+
+def test_reference_has_every_core_kernel():
+    core_names = {n for n in dir(_core) if not n.startswith("_")} - {"build_info", "has_openmp", "max_threads"}
+    assert core_names == set(ref.__all__)
