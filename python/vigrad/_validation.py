@@ -70,7 +70,7 @@ def check_finite(arr: np.ndarray, name: str) -> None:
         bad = np.argwhere(~ok)
         where = tuple(int(i) for i in bad[0]) if arr.ndim else ()
         raise ValueError(
-            f"{name} must be finite, got {len(bad)} non-finite value(s); the first, {arr[where]!r}, at index {where}"
+            f"{name} must be finite, got {len(bad)} non-finite value(s); the first, {float(arr[where])}, at index {where}"
         )
 
 

@@ -76,7 +76,7 @@ class MeanFieldGaussian:
         if scale.size and not (scale > 0).all():
             idx = tuple(int(i) for i in np.argwhere(~(scale > 0))[0])
             raise ValueError(
-                f"rho gives a scale of 0 in {dtype} (softplus underflows), rho[{idx}] = {rho[idx]!r}; "
+                f"rho gives a scale of 0 in {dtype} (softplus underflows), rho[{idx}] = {float(rho[idx])}; "
                 f"use rho > {-87 if dtype == np.float32 else -745}"
             )
         self._loc = _readonly(loc)
@@ -98,7 +98,7 @@ class MeanFieldGaussian:
         check_finite(scale, "scale")
         if scale.size and not (scale > 0).all():
             idx = tuple(int(i) for i in np.argwhere(~(scale > 0))[0])
-            raise ValueError(f"scale must be > 0, got scale[{idx}] = {scale[idx]!r}")
+            raise ValueError(f"scale must be > 0, got scale[{idx}] = {float(scale[idx])}")
         loc_arr = as_float_array(loc, "loc")
         if loc_arr.shape != scale.shape:
             raise ValueError(f"loc and scale must have the same shape, got {loc_arr.shape} and {scale.shape}")

@@ -88,7 +88,7 @@ def _nonfinite_report(arrays, what):
         ok = np.isfinite(arr)
         if not ok.all():
             idx = tuple(int(i) for i in np.argwhere(~ok)[0])
-            return ValueError(f"{name} must be finite, got {arr[idx]!r} at index {idx}")
+            return ValueError(f"{name} must be finite, got {float(arr[idx])} at index {idx}")
     return ValueError(f"{what} overflowed to a non-finite value although every input is finite")
 
 
@@ -245,7 +245,7 @@ def _call_log_lik(log_lik, w, need_grads, dtype):
         raise ValueError(f"log_lik values must have shape ({S},) (one per sample), got {values.shape}")
     if not np.isfinite(values).all():
         s = int(np.argwhere(~np.isfinite(values))[0, 0])
-        raise ValueError(f"log_lik returned a non-finite value {values[s]!r} for sample {s}")
+        raise ValueError(f"log_lik returned a non-finite value {float(values[s])} for sample {s}")
     if need_grads:
         grads = as_float_array(grads, "log_lik grads", dtype=dtype)
         if grads.shape != w.shape:
