@@ -1,43 +1,11 @@
-"""Shared helpers for vigrad's tests."""
+"""pytest fixtures for vigrad's tests; plain helpers live in vg_testutil.py."""
 
 import numpy as np
 import pytest
 
-DTYPES = [np.float64, np.float32]
-# core vs reference on the same inputs (STYLE.md): float64 rtol 1e-12, float32 rtol 1e-5
-RTOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
-SHAPES = [(1, 1), (3, 5), (1000, 257), (0, 5), (4, 0)]
-
-
-def assert_close(core, ref, dtype, scale=1.0):
-    """Relative agreement at the dtype's tolerance, with an absolute floor of rtol * scale
-    for entries that are sums with cancellation (scale: the magnitude of the summands)."""
-    rtol = RTOL[np.dtype(dtype)]
-    np.testing.assert_allclose(np.asarray(core, dtype=np.float64), np.asarray(ref, dtype=np.float64),
-                               rtol=rtol, atol=rtol * scale)
+from vg_testutil import DTYPES
 
 
 @pytest.fixture(params=DTYPES, ids=lambda d: np.dtype(d).name)
 def dtype(request):
     return request.param
-
-
-def random_problem(S, D, dtype, seed=0):
-    """loc, rho (D,), eps, glik (S, D) in dtype, with moderate scales."""
-    rng = np.random.default_rng(seed)
-    loc = rng.standard_normal(D).astype(dtype)
-    rho = (rng.standard_normal(D) - 1.0).astype(dtype)
-    eps = rng.standard_normal((S, D)).astype(dtype)
-    glik = rng.standard_normal((S, D)).astype(dtype)
-    return loc, rho, eps, glik
-
-
-def seed_log_lik(w):
-    """The seed's log P(D | w) = -(w - 0.5)^2 / 2 summed over the event, and its gradient."""
-    r = w - 0.5
-    return -0.5 * (r * r).reshape(r.shape[0], -1).sum(axis=1), -r
-
-
-torch_or_skip = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("torch") is None, reason="torch is not installed"
-)

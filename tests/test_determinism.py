@@ -8,7 +8,7 @@ import pytest
 
 import vigrad as vg
 
-from conftest import random_problem, seed_log_lik
+from vg_testutil import random_problem, seed_log_lik
 
 WORKERS = [1, 2, 7]
 SHAPE = (3001,)  # several blocks and a ragged tail

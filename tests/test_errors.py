@@ -6,7 +6,7 @@ import pytest
 import vigrad as vg
 from vigrad import _core
 
-from conftest import random_problem, seed_log_lik
+from vg_testutil import random_problem, seed_log_lik
 
 
 # -- the binding contract: dtype, ndim, shape, contiguity --------------------------------

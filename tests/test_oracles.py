@@ -8,7 +8,7 @@ from scipy.special import expit, logsumexp
 
 import vigrad as vg
 
-from conftest import random_problem, seed_log_lik, torch_or_skip
+from vg_testutil import random_problem, seed_log_lik, torch_or_skip
 
 TOL = {np.dtype(np.float64): dict(rtol=1e-12, atol=1e-12), np.dtype(np.float32): dict(rtol=2e-5, atol=2e-5)}
 

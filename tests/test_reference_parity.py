@@ -7,7 +7,7 @@ import pytest
 from vigrad import _core
 from vigrad import reference as ref
 
-from conftest import SHAPES, assert_close, random_problem
+from vg_testutil import SHAPES, assert_close, random_problem
 
 PRIOR_KINDS = ["scalar", "array"]
 

@@ -112,7 +112,7 @@ double pathwise_grad(const Real* loc, const Real* rho, const Real* eps, const Re
 }
 
 // Closed-form KL[q || Normal(m, s)] summed over the event, and its gradient
-// (times kl_weight) in loc and rho.  Gradient outputs may be null.
+// (times kl_weight) in loc and rho.
 template <class Real, class Prior>
 double kl_normal(const Real* loc, const Real* rho, std::int64_t D, const Prior& prior, double kl_weight,
                  Real* grad_loc, Real* grad_rho, double* work, int workers) {
@@ -128,8 +128,8 @@ double kl_normal(const Real* loc, const Real* rho, std::int64_t D, const Prior& 
       const double pm = prior.loc(j), ps = prior.scale(j);
       const double dm = static_cast<double>(loc[j]) - pm, inv_ps2 = 1.0 / (ps * ps);
       terms[i] = std::log(ps) - std::log(sgm) + 0.5 * (sgm * sgm + dm * dm) * inv_ps2 - 0.5;
-      if (grad_loc) grad_loc[j] = static_cast<Real>(kl_weight * dm * inv_ps2);
-      if (grad_rho) grad_rho[j] = static_cast<Real>(kl_weight * sg * (sgm * inv_ps2 - 1.0 / sgm));
+      grad_loc[j] = static_cast<Real>(kl_weight * dm * inv_ps2);
+      grad_rho[j] = static_cast<Real>(kl_weight * sg * (sgm * inv_ps2 - 1.0 / sgm));
     }
     work[b] = lane_sum(terms, m);
   });
