@@ -60,5 +60,6 @@ inline int check_workers(int workers) {
 void bind_rng(py::module_& m);
 void bind_distributions(py::module_& m);
 void bind_gradients(py::module_& m);
+void bind_families(py::module_& m);
 
 }  // namespace vigrad::bind

@@ -10,6 +10,7 @@ from . import _core
 from ._validation import max_workers
 from .distributions import MeanFieldGaussian, Normal, ScaleMixtureNormal, kl_divergence
 from .estimators import ElboGrad, elbo_grad, pathwise_grad, score_grad
+from .families import FullRankGaussian, LowRankGaussian
 
 __version__ = "0.1.0"
 
@@ -32,4 +33,6 @@ __all__ = [
     "elbo_grad",
     "pathwise_grad",
     "score_grad",
+    "FullRankGaussian",
+    "LowRankGaussian",
 ]

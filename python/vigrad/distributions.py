@@ -217,6 +217,34 @@ class MeanFieldGaussian:
         return self.dtype.type(_core.mf_entropy(self._scale.reshape(-1), resolve_workers(None)))
 
 
+    # -- what vigrad.fit needs (a 1-D event) ----------------------------------------------
+    def _params(self):
+        return (self._loc, self._rho)
+
+    @classmethod
+    def _from_params(cls, params):
+        return cls(*params)
+
+    def _sample_noise(self, S, key, workers):
+        d = self.size
+        w = np.empty((S, d), dtype=self.dtype)
+        eps = np.empty((S, d), dtype=self.dtype)
+        _core.sample(key, self._loc.reshape(-1), self._scale.reshape(-1), w, eps, workers)
+        return w, eps
+
+    def _pathwise(self, eps, grad_log_p, mode, workers):
+        gl, gr, _, _ = _core.pathwise_grad_flat(self._loc.reshape(-1), self._rho.reshape(-1), eps, grad_log_p, mode,
+                                                1.0, workers)
+        return (gl.reshape(self.shape), gr.reshape(self.shape))
+
+    def _score_terms(self, z, eps):
+        """Per-sample d log q(z) / d(loc, rho) for fixed z."""
+        sigma = self._scale.astype(np.float64)
+        sg = np.exp(-np.logaddexp(0.0, -self._rho.astype(np.float64)))
+        e = eps.astype(np.float64)
+        return (e / sigma, (e * e - 1.0) * sg / sigma)
+
+
 class _Prior:
     """Shared machinery: parameters as float64 arrays, broadcast per event shape on demand."""
 

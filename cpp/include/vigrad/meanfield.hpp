@@ -20,7 +20,7 @@ void standard_normal(std::uint64_t key, std::int64_t S, std::int64_t D, Real* ou
   constexpr int P = NormalTraits<Real>::per_counter;
   const PhiloxKey k = make_key(key);
   const std::int64_t total = S * ((D + P - 1) / P);
-  parallel_for_blocks(num_blocks(total, kCounterBlock), workers, [&](std::int64_t b) {
+  parallel_for_blocks(num_blocks(total, kCounterBlock), workers_for(total * 64, workers), [&](std::int64_t b) {
     const std::int64_t f0 = b * kCounterBlock, f1 = std::min(total, f0 + kCounterBlock);
     for_each_normal<Real>(k, D, f0, f1, [&](std::int64_t s, std::int64_t j, Real z) { out[s * D + j] = z; });
   });
@@ -35,7 +35,7 @@ void sample(std::uint64_t key, const Real* loc, const Real* scale, std::int64_t 
   constexpr int P = NormalTraits<Real>::per_counter;
   const PhiloxKey k = make_key(key);
   const std::int64_t total = S * ((D + P - 1) / P);
-  parallel_for_blocks(num_blocks(total, kCounterBlock), workers, [&](std::int64_t b) {
+  parallel_for_blocks(num_blocks(total, kCounterBlock), workers_for(total * 64, workers), [&](std::int64_t b) {
     const std::int64_t f0 = b * kCounterBlock, f1 = std::min(total, f0 + kCounterBlock);
     if (eps_out) {
       for_each_normal<Real>(k, D, f0, f1, [&](std::int64_t s, std::int64_t j, Real z) {
@@ -94,7 +94,7 @@ template <class Real, class F>
 void row_sums(std::int64_t S, std::int64_t D, double offset, double scale_by, double* work, Real* out,
               int workers, F&& f) {
   const std::int64_t nb = num_blocks(D);
-  parallel_for_blocks(S * nb, workers, [&](std::int64_t t) {
+  parallel_for_blocks(S * nb, workers_for(S * D * 16, workers), [&](std::int64_t t) {
     const std::int64_t s = t / nb, b = t % nb;
     alignas(64) Real v[kBlock];
     const std::int64_t j0 = b * kBlock, m = std::min(D - j0, kBlock);
@@ -145,7 +145,7 @@ template <class Real, class Prior>
 void prior_grad_log_prob(const Prior& prior, const Real* w, std::int64_t S, std::int64_t D, Real* out,
                          int workers) {
   const std::int64_t nb = num_blocks(D);
-  parallel_for_blocks(S * nb, workers, [&](std::int64_t t) {
+  parallel_for_blocks(S * nb, workers_for(S * D * 16, workers), [&](std::int64_t t) {
     const std::int64_t s = t / nb, b = t % nb;
     const std::int64_t j0 = b * kBlock, m = std::min(D - j0, kBlock);
     const Real* wb = w + s * D;

@@ -45,6 +45,13 @@ inline void parallel_for_blocks(std::int64_t nblocks, int workers, F&& f) {
   for (std::int64_t b = 0; b < nblocks; ++b) f(b);
 }
 
+// Below this much work (roughly, multiply-adds) a call runs on one thread: starting an
+// OpenMP team costs microseconds, and far more when another process holds the cores.
+// The result does not change: blocks, not threads, decide what is computed.
+inline constexpr std::int64_t kMinParallelWork = std::int64_t(1) << 16;
+
+inline int workers_for(std::int64_t work, int workers) { return work < kMinParallelWork ? 1 : workers; }
+
 inline std::int64_t num_blocks(std::int64_t n, std::int64_t block = kBlock) {
   return (n + block - 1) / block;
 }

@@ -104,4 +104,16 @@ struct MixturePrior<Real, true> {
   }
 };
 
+// No prior term: log p = 0.  With it the mean-field pathwise kernel computes the
+// gradient of E_q[log q] - E_q[log P(D | w)], the negative ELBO of a black-box log
+// joint passed in as the "likelihood".
+template <class Real>
+struct FlatPrior {
+  void eval(std::int64_t, Real, Real& lp, Real& g) const {
+    lp = Real(0);
+    g = Real(0);
+  }
+  Real grad(std::int64_t, Real) const { return Real(0); }
+};
+
 }  // namespace vigrad::core

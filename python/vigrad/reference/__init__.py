@@ -7,6 +7,16 @@ Results are computed in float64 and returned in the input dtype.
 """
 
 from ._kernels import (
+    fullrank_affine,
+    fullrank_sample,
+    fullrank_log_prob,
+    fullrank_pathwise_grad,
+    lowrank_affine,
+    lowrank_sample,
+    lowrank_log_prob,
+    lowrank_entropy,
+    lowrank_pathwise_grad,
+    pathwise_grad_flat,
     kl_mf_normal,
     mf_entropy,
     mf_log_prob,
@@ -26,6 +36,16 @@ from ._kernels import (
 )
 
 __all__ = [
+    "fullrank_affine",
+    "fullrank_sample",
+    "fullrank_log_prob",
+    "fullrank_pathwise_grad",
+    "lowrank_affine",
+    "lowrank_sample",
+    "lowrank_log_prob",
+    "lowrank_entropy",
+    "lowrank_pathwise_grad",
+    "pathwise_grad_flat",
     "kl_mf_normal",
     "mf_entropy",
     "mf_log_prob",

@@ -8,6 +8,8 @@ __all__ = [
     "philox4x32_10", "standard_normal", "sample", "softplus", "softplus_inv", "sigmoid",
     "mf_log_prob", "mf_entropy", "normal_log_prob", "normal_grad_log_prob", "mixture_log_prob",
     "mixture_grad_log_prob", "kl_mf_normal", "pathwise_grad_normal", "pathwise_grad_mixture", "score_grad",
+    "fullrank_affine", "fullrank_sample", "fullrank_log_prob", "fullrank_pathwise_grad", "lowrank_affine",
+    "lowrank_sample", "lowrank_log_prob", "lowrank_entropy", "lowrank_pathwise_grad", "pathwise_grad_flat",
 ]
 
 _HALF_LOG_2PI = 0.5 * np.log(2.0 * np.pi)
@@ -253,3 +255,109 @@ def score_grad(loc, rho, eps, f, baseline, baseline_value, workers):
     g_rho = (c * (e * e - 1.0) * sg / sigma).mean(axis=0)
     gl, gr = g_loc.astype(loc.dtype), g_rho.astype(loc.dtype)
     return gl, gr, bool(np.isfinite(gl).all() and np.isfinite(gr).all())
+
+
+# -- full-rank and low-rank families ----------------------------------------------------------
+# F = E_q[log q(z)] - E_q[log p(z)], g = d log p / dz at each sample.
+
+def fullrank_affine(loc, L, eps, workers):
+    return (_f64(loc) + _f64(eps) @ _f64(L).T).astype(eps.dtype)
+
+
+def fullrank_sample(key, loc, L, z, eps, workers):
+    e = _normals(int(key), z.shape[0], z.shape[1], z.dtype)
+    if eps is not None:
+        eps[...] = e
+    z[...] = fullrank_affine(loc, L, e, workers)
+
+
+def fullrank_log_prob(loc, L, z, workers):
+    L64 = _f64(L)
+    r = _f64(z) - _f64(loc)
+    u = np.linalg.solve(L64, r.T).T  # L u = r
+    d = L64.shape[0]
+    return (-0.5 * np.sum(u * u, axis=1) - np.sum(np.log(np.diag(L64))) - d * _HALF_LOG_2PI).astype(z.dtype)
+
+
+def fullrank_pathwise_grad(L, eps, grad_log_p, mode, workers):
+    """dF/dloc, dF/dL with z = loc + L eps: "mc" adds the entropy's exact gradient, "stl" uses
+    d log q / dz = -L^{-T} eps along the path."""
+    _check_mode(mode, ("mc", "stl"))
+    L64, e, g = _f64(L), _f64(eps), _f64(grad_log_p)
+    S = e.shape[0]
+    if mode == "stl":
+        a = -np.linalg.solve(L64.T, e.T).T - g
+    else:
+        a = -g
+    g_loc = a.mean(axis=0)
+    g_L = np.tril(a.T @ e / S)
+    if mode == "mc":
+        g_L -= np.diag(1.0 / np.diag(L64))
+    return g_loc.astype(L.dtype), g_L.astype(L.dtype)
+
+
+def _lowrank_cov(diag, U):
+    return np.diag(_f64(diag) ** 2) + _f64(U) @ _f64(U).T
+
+
+def lowrank_affine(loc, diag, U, eps, workers):
+    d = diag.shape[0]
+    e = _f64(eps)
+    return (_f64(loc) + _f64(diag) * e[:, :d] + e[:, d:] @ _f64(U).T).astype(eps.dtype)
+
+
+def lowrank_sample(key, loc, diag, U, z, eps, workers):
+    e = _normals(int(key), z.shape[0], diag.shape[0] + U.shape[1], z.dtype)
+    if eps is not None:
+        eps[...] = e
+    z[...] = lowrank_affine(loc, diag, U, e, workers)
+
+
+def lowrank_log_prob(loc, diag, U, z, workers):
+    """Dense reference: the (d, d) covariance and its Cholesky (the core never forms it)."""
+    cov = _lowrank_cov(diag, U)
+    C = np.linalg.cholesky(cov)
+    u = np.linalg.solve(C, (_f64(z) - _f64(loc)).T).T
+    d = cov.shape[0]
+    return (-0.5 * np.sum(u * u, axis=1) - np.sum(np.log(np.diag(C))) - d * _HALF_LOG_2PI).astype(z.dtype)
+
+
+def lowrank_entropy(diag, U, workers):
+    cov = _lowrank_cov(diag, U)
+    sign, logdet = np.linalg.slogdet(cov)
+    return float(0.5 * logdet + cov.shape[0] * (_HALF_LOG_2PI + 0.5))
+
+
+def lowrank_pathwise_grad(diag, U, eps, grad_log_p, mode, workers):
+    """dF/dloc, dF/ddiag, dF/dU with z = loc + diag eps1 + U eps2 (dense reference)."""
+    _check_mode(mode, ("mc", "stl"))
+    D, U64, e, g = _f64(diag), _f64(U), _f64(eps), _f64(grad_log_p)
+    d = D.shape[0]
+    e1, e2 = e[:, :d], e[:, d:]
+    S = e.shape[0]
+    prec = np.linalg.inv(_lowrank_cov(diag, U))
+    if mode == "stl":
+        res = D * e1 + e2 @ U64.T
+        a = -(res @ prec) - g
+    else:
+        a = -g
+    g_loc = a.mean(axis=0)
+    g_diag = (a * e1).mean(axis=0)
+    g_U = a.T @ e2 / S
+    if mode == "mc":  # the entropy 0.5 log|Sigma|: d/dU = Sigma^-1 U, d/dD = diag(Sigma^-1) D
+        g_U -= prec @ U64
+        g_diag -= np.diag(prec) * D
+    dt = diag.dtype
+    return g_loc.astype(dt), g_diag.astype(dt), g_U.astype(dt)
+
+
+def pathwise_grad_flat(loc, rho, eps, grad_log_lik, mode, kl_weight, workers):
+    """Mean field with no prior term: the gradient of kl_weight E[log q] - E[log lik]."""
+    _check_mode(mode, ("mc", "stl"))
+
+    def flat(w):
+        return np.zeros_like(w), np.zeros_like(w)
+
+    with np.errstate(all="ignore"):
+        out = _pathwise(loc, rho, eps, grad_log_lik, flat, mode, kl_weight)
+    return _finish(loc, *out)
