@@ -8,6 +8,7 @@ kernel that the tests hold the core to.
 
 from . import _core
 from ._validation import max_workers
+from . import data, diagnostics, optim
 from .distributions import MeanFieldGaussian, Normal, ScaleMixtureNormal, kl_divergence
 from .estimators import ElboGrad, elbo_grad, pathwise_grad, score_grad
 from .families import FullRankGaussian, LowRankGaussian
@@ -35,4 +36,7 @@ __all__ = [
     "score_grad",
     "FullRankGaussian",
     "LowRankGaussian",
+    "optim",
+    "data",
+    "diagnostics",
 ]
