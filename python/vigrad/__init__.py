@@ -12,6 +12,7 @@ from . import data, diagnostics, optim
 from .distributions import MeanFieldGaussian, Normal, ScaleMixtureNormal, kl_divergence
 from .estimators import ElboGrad, elbo_grad, pathwise_grad, score_grad
 from .families import FullRankGaussian, LowRankGaussian
+from .bbvi import FitError, FitResult, fit
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,9 @@ __all__ = [
     "score_grad",
     "FullRankGaussian",
     "LowRankGaussian",
+    "fit",
+    "FitResult",
+    "FitError",
     "optim",
     "data",
     "diagnostics",
