@@ -18,6 +18,7 @@ PYBIND11_MODULE(_core, m) {
   vigrad::bind::bind_distributions(m);
   vigrad::bind::bind_gradients(m);
   vigrad::bind::bind_families(m);
+  vigrad::bind::bind_bbb(m);
 
   py::dict info;
 #if defined(__clang__)

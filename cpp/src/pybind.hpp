@@ -11,6 +11,8 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -61,5 +63,6 @@ void bind_rng(py::module_& m);
 void bind_distributions(py::module_& m);
 void bind_gradients(py::module_& m);
 void bind_families(py::module_& m);
+void bind_bbb(py::module_& m);
 
 }  // namespace vigrad::bind

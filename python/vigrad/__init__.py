@@ -8,11 +8,12 @@ kernel that the tests hold the core to.
 
 from . import _core
 from ._validation import max_workers
-from . import data, diagnostics, optim
+from . import data, diagnostics, metrics, optim
 from .distributions import MeanFieldGaussian, Normal, ScaleMixtureNormal, kl_divergence
 from .estimators import ElboGrad, elbo_grad, pathwise_grad, score_grad
 from .families import FullRankGaussian, LowRankGaussian
 from .bbvi import FitError, FitResult, fit
+from .bnn import BayesianLinear, BayesianMLP
 
 __version__ = "0.1.0"
 
@@ -43,4 +44,7 @@ __all__ = [
     "optim",
     "data",
     "diagnostics",
+    "metrics",
+    "BayesianLinear",
+    "BayesianMLP",
 ]

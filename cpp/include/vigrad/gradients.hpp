@@ -43,7 +43,7 @@ double pathwise_grad(const Real* loc, const Real* rho, const Real* eps, const Re
   const Real kw = static_cast<Real>(kl_weight);
   const Acc inv_S = Acc(1) / static_cast<Acc>(S);
   std::atomic<bool> bad{false};
-  parallel_for_blocks(nb, workers, [&](std::int64_t b) {
+  parallel_for_blocks(nb, workers_for(S * D * 32, workers), [&](std::int64_t b) {
     const std::int64_t j0 = b * kBlock, m = std::min(D - j0, kBlock);
     alignas(64) Real sigma[kBlock], sg[kBlock], inv_sigma[kBlock], log_sigma[kBlock];
     alignas(64) Acc acc_a[kBlock], acc_ae[kBlock], acc_k[kBlock];
@@ -117,7 +117,7 @@ template <class Real, class Prior>
 double kl_normal(const Real* loc, const Real* rho, std::int64_t D, const Prior& prior, double kl_weight,
                  Real* grad_loc, Real* grad_rho, double* work, int workers) {
   const std::int64_t nb = num_blocks(D);
-  parallel_for_blocks(nb, workers, [&](std::int64_t b) {
+  parallel_for_blocks(nb, workers_for(D * 32, workers), [&](std::int64_t b) {
     const std::int64_t j0 = b * kBlock, m = std::min(D - j0, kBlock);
     alignas(64) double terms[kBlock];
     for (std::int64_t i = 0; i < m; ++i) {
@@ -160,7 +160,7 @@ bool score_grad(const Real* loc, const Real* rho, const Real* eps, const Real* f
   }
   const std::int64_t nb = num_blocks(D);
   std::atomic<bool> bad{false};
-  parallel_for_blocks(nb, workers, [&](std::int64_t b) {
+  parallel_for_blocks(nb, workers_for(S * D * 4, workers), [&](std::int64_t b) {
     const std::int64_t j0 = b * kBlock, m = std::min(D - j0, kBlock);
     alignas(64) Acc acc_e[kBlock], acc_e2[kBlock];
     for (std::int64_t i = 0; i < m; ++i) { acc_e[i] = 0; acc_e2[i] = 0; }

@@ -54,7 +54,7 @@ enum class Transform { kSoftplus, kSoftplusInv, kSigmoid };
 
 template <class Real>
 void transform(Transform t, const Real* x, std::int64_t n, Real* y, int workers) {
-  parallel_for_blocks(num_blocks(n), workers, [&](std::int64_t b) {
+  parallel_for_blocks(num_blocks(n), workers_for(n * 32, workers), [&](std::int64_t b) {
     const std::int64_t j0 = b * kBlock, m = std::min(n - j0, kBlock);
     const Real* xb = x + j0;
     Real* yb = y + j0;
@@ -77,7 +77,7 @@ void transform(Transform t, const Real* x, std::int64_t n, Real* y, int workers)
 template <class Real, class F>
 double block_sum(std::int64_t D, double* work, int workers, F&& f) {
   const std::int64_t nb = num_blocks(D);
-  parallel_for_blocks(nb, workers, [&](std::int64_t b) {
+  parallel_for_blocks(nb, workers_for(D * 32, workers), [&](std::int64_t b) {
     alignas(64) Real v[kBlock];
     const std::int64_t j0 = b * kBlock, m = std::min(D - j0, kBlock);
     for (std::int64_t i = 0; i < m; ++i) v[i] = f(j0 + i);

@@ -7,6 +7,10 @@ Results are computed in float64 and returned in the input dtype.
 """
 
 from ._kernels import (
+    bbb_noise,
+    bbb_grad_normal,
+    bbb_grad_mixture,
+    adam_update,
     fullrank_affine,
     fullrank_sample,
     fullrank_log_prob,
@@ -36,6 +40,10 @@ from ._kernels import (
 )
 
 __all__ = [
+    "bbb_noise",
+    "bbb_grad_normal",
+    "bbb_grad_mixture",
+    "adam_update",
     "fullrank_affine",
     "fullrank_sample",
     "fullrank_log_prob",

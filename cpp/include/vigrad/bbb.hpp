@@ -1,0 +1,137 @@
+// Bayes by Backprop layers: the elementwise work of a training step, fused.
+//
+// A layer's parameters are one flat vector (weights then biases) with a mean-field
+// Gaussian q: w = loc + softplus(rho) * eps.  The matrix products run in BLAS (NumPy);
+// here are the passes over the parameters:
+//   forward:  w = loc + sigma eps                    (reparameterisation)
+//             dw = sigma eps                         (Flipout's shared perturbation)
+//   backward: dF/dloc, dF/drho for F = NLL + kl_weight KL[q || prior], from
+//             A = dNLL/dloc and C = dNLL/dsigma, with C given, or C = B eps
+//             (B = dNLL/dw for the reparameterisation, dNLL/d(dw) for Flipout).
+// The noise is never stored: eps is regenerated from (key, 0, j) in the backward pass,
+// bit for bit the draws of the forward pass.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+
+#include "gradients.hpp"
+#include "math.hpp"
+#include "parallel.hpp"
+#include "philox.hpp"
+
+namespace vigrad::core {
+
+// buf[i] = draw (key, 0, j0 + i) for i < m; j0 must be a multiple of the draws per counter.
+template <class Real>
+inline void normals_row0(PhiloxKey key, std::int64_t D, std::int64_t j0, std::int64_t m, Real* buf) {
+  constexpr int P = NormalTraits<Real>::per_counter;
+  const std::int64_t f0 = j0 / P, f1 = (j0 + m + P - 1) / P;
+  for_each_normal<Real>(key, D, f0, f1, [&](std::int64_t, std::int64_t j, Real z) { buf[j - j0] = z; });
+}
+
+enum class NoiseUse { kWeights, kPerturbation };
+
+// out = loc + softplus(rho) eps (kWeights) or softplus(rho) eps (kPerturbation), eps = draws (key, 0, j).
+template <class Real>
+void bbb_noise(NoiseUse use, std::uint64_t key, const Real* loc, const Real* rho, std::int64_t D, Real* out,
+               int workers) {
+  const PhiloxKey k = make_key(key);
+  parallel_for_blocks(num_blocks(D), workers_for(D * 64, workers), [&](std::int64_t b) {
+    const std::int64_t j0 = b * kBlock, m = std::min(D - j0, kBlock);
+    alignas(64) Real eps[kBlock];
+    normals_row0(k, D, j0, m, eps);
+    for (std::int64_t i = 0; i < m; ++i) {
+      const Real sigma = softplus(rho[j0 + i]);
+      out[j0 + i] = (use == NoiseUse::kWeights ? loc[j0 + i] : Real(0)) + sigma * eps[i];
+    }
+  });
+}
+
+enum class DataGrad { kReparam, kTimesEps, kDirect };
+enum class KLPart { kNone, kMC, kAnalytic };
+
+// The fused backward pass (see the file comment).  Per element, with sg = sigmoid(rho):
+//   dF/dloc = A + kl_weight dKL/dloc,   dF/drho = (C + kl_weight dKL/dsigma) sg
+//   MC:       dKL/dloc = -gp(w),  dKL/dsigma = -gp(w) eps - 1/sigma,  w = loc + sigma eps
+//   analytic: dKL/dloc = (loc - m)/s^2,  dKL/dsigma = sigma/s^2 - 1/sigma   (Normal prior)
+// Returns the KL value (MC: sum of log q(w) - log p(w); analytic: closed form).
+// `work`: num_blocks(D) doubles.
+template <DataGrad DG, KLPart KP, class Real, class Prior>
+double bbb_grad(std::uint64_t key, const Real* loc, const Real* rho, const Real* A, const Real* BC, std::int64_t D,
+                const Prior& prior, double kl_weight, Real* grad_loc, Real* grad_rho, double* work, bool* finite,
+                int workers) {
+  const PhiloxKey k = make_key(key);
+  const Real kw = static_cast<Real>(kl_weight);
+  std::atomic<bool> bad{false};
+  parallel_for_blocks(num_blocks(D), workers_for(D * 64, workers), [&](std::int64_t b) {
+    const std::int64_t j0 = b * kBlock, m = std::min(D - j0, kBlock);
+    alignas(64) Real eps[kBlock];
+    alignas(64) double kl_terms[kBlock];
+    constexpr bool need_eps = DG != DataGrad::kDirect || KP == KLPart::kMC;
+    if constexpr (need_eps) normals_row0(k, D, j0, m, eps);
+    for (std::int64_t i = 0; i < m; ++i) {
+      const std::int64_t j = j0 + i;
+      Real sigma, sg;
+      softplus_sigmoid(rho[j], sigma, sg);
+      Real c;
+      if constexpr (DG == DataGrad::kReparam) c = A[j] * eps[i];
+      else if constexpr (DG == DataGrad::kTimesEps) c = BC[j] * eps[i];
+      else c = BC[j];
+      Real gl = A[j], gs = c;
+      double klv = 0.0;
+      if constexpr (KP == KLPart::kMC) {
+        const Real w = loc[j] + sigma * eps[i];
+        Real lp, gp;
+        prior.eval(j, w, lp, gp);
+        gl += kw * (-gp);
+        gs += kw * (-gp * eps[i] - Real(1) / sigma);
+        klv = static_cast<double>(Real(-0.5) * eps[i] * eps[i] - lp) - kHalfLog2Pi<double> -
+              std::log(static_cast<double>(sigma));
+      } else if constexpr (KP == KLPart::kAnalytic) {
+        const Real pm = prior.loc(j), ps = prior.scale(j);
+        const Real inv_ps2 = Real(1) / (ps * ps), dm = loc[j] - pm;
+        gl += kw * dm * inv_ps2;
+        gs += kw * (sigma * inv_ps2 - Real(1) / sigma);
+        klv = std::log(static_cast<double>(ps)) - std::log(static_cast<double>(sigma)) +
+              0.5 * static_cast<double>((sigma * sigma + dm * dm) * inv_ps2) - 0.5;
+      }
+      grad_loc[j] = gl;
+      grad_rho[j] = gs * sg;
+      kl_terms[i] = klv;
+    }
+    work[b] = lane_sum(kl_terms, m);
+    if (!(all_finite(grad_loc + j0, m) && all_finite(grad_rho + j0, m))) bad.store(true, std::memory_order_relaxed);
+  });
+  double kl = 0.0;
+  for (std::int64_t b = 0; b < num_blocks(D); ++b) kl += work[b];
+  *finite = !bad.load() && std::isfinite(kl);
+  return kl;
+}
+
+// One Adam step in place (Kingma & Ba, with bias correction), the arithmetic of vg.optim.adam:
+//   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
+//   p -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps),  t = step + 1.
+template <class Real>
+void adam_update(Real* p, const Real* g, Real* m, Real* v, std::int64_t n, std::int64_t step, double lr,
+                 double b1, double b2, double eps, int workers) {
+  const double t = static_cast<double>(step + 1);
+  const Real bc1 = static_cast<Real>(1.0 - std::pow(b1, t)), bc2 = static_cast<Real>(1.0 - std::pow(b2, t));
+  const Real rb1 = static_cast<Real>(b1), rb2 = static_cast<Real>(b2), rlr = static_cast<Real>(lr);
+  const Real one_b1 = static_cast<Real>(1.0 - b1), one_b2 = static_cast<Real>(1.0 - b2), reps = static_cast<Real>(eps);
+  parallel_for_blocks(num_blocks(n), workers_for(n * 8, workers), [&](std::int64_t b) {
+    const std::int64_t j0 = b * kBlock, j1 = std::min(n, j0 + kBlock);
+    for (std::int64_t j = j0; j < j1; ++j) {
+      const Real gj = g[j];
+      const Real mj = rb1 * m[j] + one_b1 * gj;
+      const Real vj = rb2 * v[j] + one_b2 * (gj * gj);
+      m[j] = mj;
+      v[j] = vj;
+      p[j] = p[j] - rlr * (mj / bc1) / (std::sqrt(vj / bc2) + reps);
+    }
+  });
+}
+
+}  // namespace vigrad::core

@@ -1,0 +1,175 @@
+// Bindings: Bayes-by-Backprop layer passes and the fused Adam step.
+#include <string>
+
+#include "pybind.hpp"
+#include "vigrad/bbb.hpp"
+#include "vigrad/priors.hpp"
+
+namespace vigrad::bind {
+
+namespace {
+
+core::DataGrad parse_data(const std::string& s) {
+  if (s == "reparam") return core::DataGrad::kReparam;
+  if (s == "times_eps") return core::DataGrad::kTimesEps;
+  if (s == "direct") return core::DataGrad::kDirect;
+  throw py::value_error("data must be 'reparam', 'times_eps' or 'direct', got '" + s + "'");
+}
+
+core::KLPart parse_kl(const std::string& s) {
+  if (s == "none") return core::KLPart::kNone;
+  if (s == "mc") return core::KLPart::kMC;
+  if (s == "analytic") return core::KLPart::kAnalytic;
+  throw py::value_error("kl must be 'none', 'mc' or 'analytic', got '" + s + "'");
+}
+
+template <core::DataGrad DG, class Real, class Prior>
+double dispatch_kl(core::KLPart kp, std::uint64_t key, const Real* l, const Real* r, const Real* A, const Real* BC,
+                   std::int64_t D, const Prior& prior, double kw, Real* gl, Real* gr, double* work, bool* finite,
+                   int workers) {
+  switch (kp) {
+    case core::KLPart::kNone:
+      return core::bbb_grad<DG, core::KLPart::kNone>(key, l, r, A, BC, D, prior, kw, gl, gr, work, finite, workers);
+    case core::KLPart::kMC:
+      return core::bbb_grad<DG, core::KLPart::kMC>(key, l, r, A, BC, D, prior, kw, gl, gr, work, finite, workers);
+    case core::KLPart::kAnalytic:
+      if constexpr (std::is_same_v<Prior, core::NormalPrior<Real, false>> ||
+                    std::is_same_v<Prior, core::NormalPrior<Real, true>>)
+        return core::bbb_grad<DG, core::KLPart::kAnalytic>(key, l, r, A, BC, D, prior, kw, gl, gr, work, finite,
+                                                           workers);
+      break;
+  }
+  throw std::logic_error("analytic KL needs a Normal prior");
+}
+
+template <class Real, class Prior>
+py::tuple run_grad(const std::string& data, const std::string& kl, std::uint64_t key, const carray<Real>& loc,
+                   const carray<Real>& rho, const carray<Real>& A, const std::optional<carray<Real>>& BC,
+                   const Prior& prior, double kw, int workers) {
+  const std::int64_t D = loc.shape(0);
+  const core::DataGrad dg = parse_data(data);
+  const core::KLPart kp = parse_kl(kl);
+  if (dg != core::DataGrad::kReparam) {
+    if (!BC) throw py::value_error("data='" + data + "' needs the second gradient array");
+    require_shape(*BC, {D}, "B_or_C", "(D,) like loc");
+  }
+  carray<Real> gl(D), gr(D);
+  std::vector<double> work(static_cast<std::size_t>(core::num_blocks(D)));
+  const Real *l = loc.data(), *r = rho.data(), *a = A.data(), *bc = BC ? BC->data() : nullptr;
+  Real *glp = gl.mutable_data(), *grp = gr.mutable_data();
+  bool finite = true;
+  double klv = 0.0;
+  {
+    py::gil_scoped_release release;
+    switch (dg) {
+      case core::DataGrad::kReparam:
+        klv = dispatch_kl<core::DataGrad::kReparam>(kp, key, l, r, a, bc, D, prior, kw, glp, grp, work.data(), &finite,
+                                                    workers);
+        break;
+      case core::DataGrad::kTimesEps:
+        klv = dispatch_kl<core::DataGrad::kTimesEps>(kp, key, l, r, a, bc, D, prior, kw, glp, grp, work.data(),
+                                                     &finite, workers);
+        break;
+      case core::DataGrad::kDirect:
+        klv = dispatch_kl<core::DataGrad::kDirect>(kp, key, l, r, a, bc, D, prior, kw, glp, grp, work.data(), &finite,
+                                                   workers);
+        break;
+    }
+  }
+  return py::make_tuple(gl, gr, klv, finite);
+}
+
+template <class Real>
+void check_lr(const carray<Real>& loc, const carray<Real>& rho, const carray<Real>& A) {
+  require_ndim(loc, 1, "loc");
+  const std::int64_t D = loc.shape(0);
+  require_shape(rho, {D}, "rho", "(D,) like loc");
+  require_shape(A, {D}, "A", "(D,) like loc");
+}
+
+template <class Real>
+void def_bbb(py::module_& m) {
+  m.def(
+      "bbb_noise",
+      [](const std::string& use, std::uint64_t key, carray<Real> loc, carray<Real> rho, carray<Real> out, int workers) {
+        require_ndim(loc, 1, "loc");
+        const std::int64_t D = loc.shape(0);
+        require_shape(rho, {D}, "rho", "(D,) like loc");
+        require_shape(out, {D}, "out", "(D,) like loc");
+        check_workers(workers);
+        core::NoiseUse u;
+        if (use == "weights") u = core::NoiseUse::kWeights;
+        else if (use == "perturbation") u = core::NoiseUse::kPerturbation;
+        else throw py::value_error("use must be 'weights' or 'perturbation', got '" + use + "'");
+        const Real *l = loc.data(), *r = rho.data();
+        Real* o = out.mutable_data();
+        py::gil_scoped_release release;
+        core::bbb_noise(u, key, l, r, D, o, workers);
+      },
+      py::arg("use"), py::arg("key"), py::arg("loc").noconvert(), py::arg("rho").noconvert(),
+      py::arg("out").noconvert(), py::arg("workers"),
+      "out = loc + softplus(rho) eps ('weights') or softplus(rho) eps ('perturbation'), eps = draws (key, 0, j).");
+  m.def(
+      "bbb_grad_normal",
+      [](const std::string& data, const std::string& kl, std::uint64_t key, carray<Real> loc, carray<Real> rho,
+         carray<Real> A, std::optional<carray<Real>> BC, carray<Real> pm, carray<Real> ps, double kw, int workers) {
+        check_lr(loc, rho, A);
+        check_workers(workers);
+        const std::int64_t D = loc.shape(0);
+        const bool am = param_is_array(pm, D, "prior loc");
+        if (am != param_is_array(ps, D, "prior scale"))
+          throw py::value_error("prior loc and prior scale must both have size 1 or both size D");
+        if (am) return run_grad(data, kl, key, loc, rho, A, BC, core::NormalPrior<Real, true>(pm.data(), ps.data()), kw, workers);
+        return run_grad(data, kl, key, loc, rho, A, BC, core::NormalPrior<Real, false>(pm.data(), ps.data()), kw, workers);
+      },
+      py::arg("data"), py::arg("kl"), py::arg("key"), py::arg("loc").noconvert(), py::arg("rho").noconvert(),
+      py::arg("A").noconvert(), py::arg("B_or_C").noconvert(), py::arg("prior_loc").noconvert(),
+      py::arg("prior_scale").noconvert(), py::arg("kl_weight"), py::arg("workers"),
+      "Fused backward pass of a Bayes-by-Backprop layer, Normal prior: (grad_loc, grad_rho, kl, finite).");
+  m.def(
+      "bbb_grad_mixture",
+      [](const std::string& data, const std::string& kl, std::uint64_t key, carray<Real> loc, carray<Real> rho,
+         carray<Real> A, std::optional<carray<Real>> BC, carray<Real> pi, carray<Real> s1, carray<Real> s2, double kw,
+         int workers) {
+        check_lr(loc, rho, A);
+        check_workers(workers);
+        if (kl == "analytic") throw py::value_error("kl='analytic' needs a Normal prior; use 'mc'");
+        const std::int64_t D = loc.shape(0);
+        const bool a = param_is_array(pi, D, "pi");
+        if (param_is_array(s1, D, "sigma1") != a || param_is_array(s2, D, "sigma2") != a)
+          throw py::value_error("pi, sigma1 and sigma2 must all have size 1 or all size D");
+        if (a) return run_grad(data, kl, key, loc, rho, A, BC, core::MixturePrior<Real, true>(pi.data(), s1.data(), s2.data()), kw, workers);
+        return run_grad(data, kl, key, loc, rho, A, BC, core::MixturePrior<Real, false>(pi.data(), s1.data(), s2.data()), kw, workers);
+      },
+      py::arg("data"), py::arg("kl"), py::arg("key"), py::arg("loc").noconvert(), py::arg("rho").noconvert(),
+      py::arg("A").noconvert(), py::arg("B_or_C").noconvert(), py::arg("pi").noconvert(), py::arg("sigma1").noconvert(),
+      py::arg("sigma2").noconvert(), py::arg("kl_weight"), py::arg("workers"),
+      "Fused backward pass of a Bayes-by-Backprop layer, scale-mixture prior: (grad_loc, grad_rho, kl, finite).");
+  m.def(
+      "adam_update",
+      [](carray<Real> p, carray<Real> g, carray<Real> mm, carray<Real> v, std::int64_t step, double lr, double b1,
+         double b2, double eps, int workers) {
+        require_ndim(p, 1, "params");
+        const std::int64_t n = p.shape(0);
+        require_shape(g, {n}, "grads", "(n,) like params");
+        require_shape(mm, {n}, "m", "(n,) like params");
+        require_shape(v, {n}, "v", "(n,) like params");
+        check_workers(workers);
+        Real *pp = p.mutable_data(), *mp = mm.mutable_data(), *vp = v.mutable_data();
+        const Real* gp = g.data();
+        py::gil_scoped_release release;
+        core::adam_update(pp, gp, mp, vp, n, step, lr, b1, b2, eps, workers);
+      },
+      py::arg("params").noconvert(), py::arg("grads").noconvert(), py::arg("m").noconvert(), py::arg("v").noconvert(),
+      py::arg("step"), py::arg("lr"), py::arg("b1"), py::arg("b2"), py::arg("eps"), py::arg("workers"),
+      "One Adam step in place on flat arrays (params, m, v are updated).");
+}
+
+}  // namespace
+
+void bind_bbb(py::module_& m) {
+  def_bbb<double>(m);
+  def_bbb<float>(m);
+}
+
+}  // namespace vigrad::bind
