@@ -424,7 +424,11 @@ class BayesianMLP:
         if X.ndim != 2 or X.shape[1] != self.sizes[0]:
             raise ValueError(f"{name} must have shape (N, {self.sizes[0]}), got {X.shape}")
         check_finite(X, name)
-        return np.ascontiguousarray(X, dtype=self.dtype)
+        with np.errstate(over="ignore"):
+            Xc = np.ascontiguousarray(X, dtype=self.dtype)
+        if not np.isfinite(Xc).all():
+            raise ValueError(f"{name} has values beyond the range of the model's dtype {self.dtype}")
+        return Xc
 
     def _check_y(self, y, n, name="y"):
         if self.likelihood == "categorical":
@@ -446,7 +450,11 @@ class BayesianMLP:
         if y.shape != (n, out):
             raise ValueError(f"{name} must have shape ({n},) or ({n}, {out}) like X, got {y.shape}")
         check_finite(y, name)
-        return np.ascontiguousarray(y, dtype=self.dtype)
+        with np.errstate(over="ignore"):
+            yc = np.ascontiguousarray(y, dtype=self.dtype)
+        if not np.isfinite(yc).all():
+            raise ValueError(f"{name} has values beyond the range of the model's dtype {self.dtype}")
+        return yc
 
     # -- training ----------------------------------------------------------------------------------
     def fit(self, X, y, *, epochs, batch_size=128, lr=1e-3, kl_weighting="uniform", validation_data=None,
