@@ -106,3 +106,14 @@ def test_python_m_vigrad_demo_runs():
     bad = subprocess.run([sys.executable, "-m", "vigrad", "demo", "--steps", "0"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode != 0 and "--steps" in bad.stderr
+
+
+def test_bbb_demo_runs_and_reports(tmp_path):
+    """The demo's Bayes-by-Backprop part: digits accuracy, and uncertainty that grows off the data."""
+    from vigrad.demo import run_bbb_demo
+
+    out = io.StringIO()
+    r = run_bbb_demo(epochs=20, out=out, plot=None)
+    assert r["accuracy"] > 0.93 and r["std_outside"] > 3 * r["std_inside"]
+    text = out.getvalue()
+    assert "test accuracy" in text and "predictive sd" in text and "UCI optdigits" in text

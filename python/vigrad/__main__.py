@@ -22,6 +22,11 @@ def main(argv=None) -> int:
     d.add_argument("--estimator", choices=["pathwise", "stl", "score"], default="pathwise")
     d.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     d.add_argument("--quiet", action="store_true", help="no progress lines")
+    d.add_argument("--part", choices=["all", "seed", "bbb"], default="all",
+                   help="the seed's example, the Bayes-by-Backprop networks, or both (default)")
+    d.add_argument("--plot", metavar="FILE", help="save the predictive band of the toy regression as a PNG "
+                   "(needs matplotlib)")
+    d.add_argument("--epochs", type=int, default=40, help="epochs of the digits network (default 40)")
     sub.add_parser("info", help="print version and build information as JSON")
     args = parser.parse_args(argv)
 
@@ -32,10 +37,15 @@ def main(argv=None) -> int:
         return 0
     if args.steps < 1 or args.samples < 1 or args.dim < 1 or not args.lr > 0:
         parser.error("--steps, --samples and --dim must be >= 1 and --lr > 0")
-    from .demo import run_demo
+    from .demo import run_bbb_demo, run_demo
 
-    run_demo(steps=args.steps, samples=args.samples, lr=args.lr, dim=args.dim, seed=args.seed,
-             estimator=args.estimator, dtype=args.dtype, progress=not args.quiet)
+    if args.part in ("all", "seed"):
+        run_demo(steps=args.steps, samples=args.samples, lr=args.lr, dim=args.dim, seed=args.seed,
+                 estimator=args.estimator, dtype=args.dtype, progress=not args.quiet)
+    if args.part in ("all", "bbb"):
+        if args.epochs < 1:
+            parser.error("--epochs must be >= 1")
+        run_bbb_demo(seed=args.seed, epochs=args.epochs, plot=args.plot, progress=not args.quiet)
     return 0
 
 

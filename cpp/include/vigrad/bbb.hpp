@@ -70,6 +70,9 @@ double bbb_grad(std::uint64_t key, const Real* loc, const Real* rho, const Real*
     const std::int64_t j0 = b * kBlock, m = std::min(D - j0, kBlock);
     alignas(64) Real eps[kBlock];
     alignas(64) double kl_terms[kBlock];
+    // a local copy: the outputs are Real* too, so gcc could not prove that the stores below leave
+    // the prior's (scalar) members alone, and would neither hoist their loads nor vectorise
+    const Prior pr = prior;
     constexpr bool need_eps = DG != DataGrad::kDirect || KP == KLPart::kMC;
     if constexpr (need_eps) normals_row0(k, D, j0, m, eps);
     for (std::int64_t i = 0; i < m; ++i) {
@@ -85,18 +88,18 @@ double bbb_grad(std::uint64_t key, const Real* loc, const Real* rho, const Real*
       if constexpr (KP == KLPart::kMC) {
         const Real w = loc[j] + sigma * eps[i];
         Real lp, gp;
-        prior.eval(j, w, lp, gp);
+        pr.eval(j, w, lp, gp);
         gl += kw * (-gp);
         gs += kw * (-gp * eps[i] - Real(1) / sigma);
-        klv = static_cast<double>(Real(-0.5) * eps[i] * eps[i] - lp) - kHalfLog2Pi<double> -
-              std::log(static_cast<double>(sigma));
+        // in Real: a double log of a converted float would mix vector widths and stop gcc vectorising
+        klv = static_cast<double>(Real(-0.5) * eps[i] * eps[i] - lp - std::log(sigma) - kHalfLog2Pi<Real>);
       } else if constexpr (KP == KLPart::kAnalytic) {
-        const Real pm = prior.loc(j), ps = prior.scale(j);
+        const Real pm = pr.loc(j), ps = pr.scale(j);
         const Real inv_ps2 = Real(1) / (ps * ps), dm = loc[j] - pm;
         gl += kw * dm * inv_ps2;
         gs += kw * (sigma * inv_ps2 - Real(1) / sigma);
-        klv = std::log(static_cast<double>(ps)) - std::log(static_cast<double>(sigma)) +
-              0.5 * static_cast<double>((sigma * sigma + dm * dm) * inv_ps2) - 0.5;
+        klv = static_cast<double>(std::log(ps) - std::log(sigma) + Real(0.5) * (sigma * sigma + dm * dm) * inv_ps2 -
+                                  Real(0.5));
       }
       grad_loc[j] = gl;
       grad_rho[j] = gs * sg;
