@@ -79,7 +79,15 @@ class _Target:
             return self.shift + x * self.T
         return self.shift + x @ self.T.T
 
-    def __call__(self, x, need_grads, where="step"):
+    def check_grads(self, grads, where="step"):
+        """Raise naming the step, sample and element of the first non-finite gradient."""
+        bad = ~np.isfinite(grads)
+        if bad.any():
+            s, j = (int(i) for i in np.argwhere(bad)[0])
+            raise _NonFinite(f"log_joint returned a non-finite gradient at {where} {self.step} for sample {s}, "
+                             f"element {j}")
+
+    def __call__(self, x, need_grads, where="step", check_grads=True):
         z = self.to_z(x)
         out = self.log_joint(z)
         S = x.shape[0]
@@ -105,11 +113,8 @@ class _Target:
         grads = np.asarray(as_float_array(grads, "log_joint grads"), dtype=np.float64)
         if grads.shape != z.shape:
             raise ValueError(f"log_joint grads must have the shape of z {z.shape}, got {grads.shape}")
-        bad = ~np.isfinite(grads)
-        if bad.any():
-            s, j = (int(i) for i in np.argwhere(bad)[0])
-            raise _NonFinite(f"log_joint returned a non-finite gradient at {where} {self.step} for sample {s}, "
-                             f"element {j}")
+        if check_grads:
+            self.check_grads(grads, where)
         if self.kind == "diag":
             grads = grads * self.T
         elif self.kind == "tril":
@@ -119,6 +124,12 @@ class _Target:
 
 class _NonFinite(ValueError):
     pass
+
+
+def log_joint_grads(target, x):
+    """The raw gradients of log_joint at the whitened points x (for error messages only)."""
+    out = target.log_joint(target.to_z(x))
+    return np.asarray(out[1], dtype=np.float64)
 
 
 def _probe(log_joint, init):
@@ -407,13 +418,17 @@ def fit(log_joint: Callable, init, *, family: str = "meanfield", rank: Optional[
             key = int(gen.integers(0, 2**64, dtype=np.uint64))
             z_x, eps = qc._sample_noise(S, key, nw)
             try:
-                log_p, g = target(z_x, need_grads)
+                # the (S, d) gradients are checked only when the family's gradients (smaller, and
+                # non-finite whenever an input is) come out non-finite: one pass less per step
+                log_p, g = target(z_x, need_grads, check_grads=False)
+                if need_grads:
+                    grads = qc._pathwise(eps, g, mode, nw)
+                    if not all(np.isfinite(gb).all() for gb in grads):
+                        target.check_grads(g if target.kind is None else np.asarray(log_joint_grads(target, z_x)))
+                else:
+                    grads = _score_gradient(qc, z_x, eps, log_p)
             except _NonFinite as exc:
                 raise FitError(str(exc), t, _partial(qc, losses[:t], trace)) from None
-            if need_grads:
-                grads = qc._pathwise(eps, g, mode, nw)
-            else:
-                grads = _score_gradient(qc, z_x, eps, log_p)
             loss = -float(log_p.mean()) - _entropy(qc)
             if not np.isfinite(loss) or not all(np.isfinite(gb).all() for gb in grads):
                 raise FitError(f"vg.fit diverged at step {t}: the -ELBO or its gradient is not finite",

@@ -223,7 +223,17 @@ class MeanFieldGaussian:
 
     @classmethod
     def _from_params(cls, params):
-        return cls(*params)
+        """From an optimiser's arrays, without the checks and copies of __init__ (vg.fit checks the
+        finiteness of every step's gradients and loss instead)."""
+        loc, rho = params
+        if not (np.isfinite(loc).all() and np.isfinite(rho).all()):
+            return cls(loc, rho)  # the full check, with its error message
+        self = object.__new__(cls)
+        self._loc, self._rho = _readonly(loc), _readonly(rho)
+        self._scale = _readonly(_core.softplus(rho.reshape(-1), resolve_workers(None)).reshape(rho.shape))
+        if self._scale.size and not (self._scale > 0).all():
+            return cls(loc, rho)
+        return self
 
     def _sample_noise(self, S, key, workers):
         d = self.size
