@@ -230,3 +230,21 @@ def test_diagnostics_and_progress(capsys):
     assert set(d["grad_snr"]) == {"loc", "diag", "cov_factor"}
     assert len(d["elbo_trace"]) == d["num_steps"] // 100 and len(res.losses) == d["num_steps"]
     assert "vg.fit: step" in capsys.readouterr().err
+
+
+def test_a_stationary_point_that_is_not_a_maximum_falls_back_with_a_warning():
+    """Two modes at +-2: from init 0 the gradient is 0 and L-BFGS stops between them, where the
+    Hessian of -log p is negative; the fit warns and runs without the Laplace whitening, finding
+    a Gaussian on the target's scale instead of one with loc ~ -5800 (what it returned before)."""
+    def log_joint(z):
+        a, b = -0.5 * ((z - 2) / 0.5) ** 2, -0.5 * ((z + 2) / 0.5) ** 2
+        m = np.maximum(a, b)
+        wa, wb = np.exp(a - m), np.exp(b - m)
+        values = (m + np.log(wa + wb))[:, 0]
+        grads = (wa * (-(z - 2) / 0.25) + wb * (-(z + 2) / 0.25)) / (wa + wb)
+        return values, grads
+
+    with pytest.warns(RuntimeWarning, match="not positive definite"):
+        res = vg.fit(log_joint, np.zeros(1), rng=0)
+    assert res.diagnostics["map"]["laplace_cov"] is None
+    assert abs(res.q.mean[0]) < 2.5 and 0.3 < res.q.scale[0] < 2.5

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import numpy as np
@@ -377,14 +378,24 @@ def fit(log_joint: Callable, init, *, family: str = "meanfield", rank: Optional[
         H = _mapfit.numerical_hessian(grad_batch, m)
         lap = _mapfit.laplace_approximation(H)
         cov = np.asarray(lap.cov)
-        if family == "fullrank":
-            target = _Target(log_joint, d, m, np.asarray(lap.scale_tril), "tril")
-        elif family == "meanfield":
-            target = _Target(log_joint, d, m, 1.0 / np.sqrt(np.diag(H) + lap.jitter), "diag")
+        if lap.jitter > 0:
+            # the search stopped where -log p is not convex (a saddle or a minimum: e.g. the point
+            # between two modes, where the gradient is zero too): no usable Laplace approximation
+            warnings.warn(
+                "vg.fit: the Hessian at the point the MAP search stopped at is not positive definite "
+                "(a saddle or a minimum of the density); fitting from init without preconditioning",
+                RuntimeWarning, stacklevel=2)
+            map_info = {"x": m, "converged": False, "laplace_cov": None, "jitter": float(lap.jitter)}
+            map_init = False
         else:
-            target = _Target(log_joint, d, m, np.sqrt(np.diag(cov)), "diag")
-        map_info = {"x": m, "converged": bool(opt_res.converged), "laplace_cov": cov, "jitter": float(lap.jitter)}
-        start = np.zeros(d)
+            if family == "fullrank":
+                target = _Target(log_joint, d, m, np.asarray(lap.scale_tril), "tril")
+            elif family == "meanfield":
+                target = _Target(log_joint, d, m, 1.0 / np.sqrt(np.diag(H)), "diag")
+            else:
+                target = _Target(log_joint, d, m, np.sqrt(np.diag(cov)), "diag")
+            map_info = {"x": m, "converged": bool(opt_res.converged), "laplace_cov": cov, "jitter": 0.0}
+            start = np.zeros(d)
 
     if family == "lowrank" and map_init:
         Dx, Ux = _lowrank_from_correlation(cov / np.outer(target.T, target.T), rank)
