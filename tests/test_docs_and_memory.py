@@ -11,19 +11,23 @@ from hypothesis import strategies as st
 
 import vigrad as vg
 import vigrad.bbvi
+import vigrad.bnn
+import vigrad.cavi
 import vigrad.data
 import vigrad.diagnostics
 import vigrad.distributions
 import vigrad.estimators
 import vigrad.families
 import vigrad.mapfit
+import vigrad.metrics
 import vigrad.optim
 from vigrad import _core
 from vigrad import reference as ref
 
 
 @pytest.mark.parametrize("module", [vigrad.distributions, vigrad.estimators, vigrad.families, vigrad.bbvi,
-                                    vigrad.optim, vigrad.data, vigrad.diagnostics, vigrad.mapfit])
+                                    vigrad.optim, vigrad.data, vigrad.diagnostics, vigrad.mapfit, vigrad.bnn,
+                                    vigrad.cavi, vigrad.metrics])
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
