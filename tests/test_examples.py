@@ -35,7 +35,8 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NAMES = ["seed_bbb_1d", "minibatch_sgd", "entropy_kl_basics", "forward_vs_reverse_kl", "jensen_gap_lognormal",
-         "cavi_normal_gamma", "correlated_posterior_meanfield", "score_vs_pathwise"]
+         "cavi_normal_gamma", "correlated_posterior_meanfield", "score_vs_pathwise", "torch_bbb_digits"]
+NEEDS = {"minibatch_sgd": "sklearn", "torch_bbb_digits": "torch"}  # optional packages an example imports
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 HAS_SKLEARN = importlib.util.find_spec("sklearn") is not None
 START = time.time()
@@ -88,8 +89,8 @@ def test_every_example_is_listed_and_documented():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_in_process_run_without_matplotlib(name, run_fast):
-    if name == "minibatch_sgd":
-        pytest.importorskip("sklearn")
+    if name in NEEDS:
+        pytest.importorskip(NEEDS[name])
     _, result, out, outdir = run_fast(name)
     assert isinstance(result, dict) and result["png"] is None
     assert "plot skipped: matplotlib not installed" in out
@@ -100,6 +101,8 @@ def test_in_process_run_without_matplotlib(name, run_fast):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_script_runs_as_a_subprocess(name, tmp_path):
+    if name == "torch_bbb_digits":
+        pytest.importorskip("torch")
     before = sorted(p.name for p in EXAMPLES.iterdir())
     env = dict(os.environ, MPLBACKEND="Agg")
     env.pop("VIGRAD_EXAMPLES_FAST", None)
@@ -408,3 +411,14 @@ def test_score_vs_pathwise(run_fast):
     for S in (1, 4, 16, 64):
         assert post[("stl", S)]["var"] < 1e-20
         assert post[("pathwise", S)]["var"] > 0.1 / S
+
+
+def test_torch_bbb_digits(run_fast):
+    """The PyTorch network of vgt.BayesianLinear layers learns the digits, and lands where
+    vg.BayesianMLP (the same model in vigrad's NumPy layer) does."""
+    pytest.importorskip("torch")
+    _, result, out, _ = run_fast("torch_bbb_digits")
+    assert "accuracy" in out
+    r = result["estimators"]["reparam"]
+    assert r["accuracy"] > 0.9 and r["numpy_twin"]["accuracy"] > 0.9
+    assert abs(r["accuracy"] - r["numpy_twin"]["accuracy"]) < 0.05

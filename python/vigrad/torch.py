@@ -1,0 +1,595 @@
+"""PyTorch adapter: vigrad's fused kernels as autograd functions and a Bayes-by-Backprop layer.
+
+``import vigrad.torch as vgt`` (needs ``pip install vigrad[torch]``; ``import vigrad`` alone never
+imports torch).  Everything here runs vigrad's C++ core on the memory of CPU tensors (float32 or
+float64): contiguous tensors are handed over as zero-copy NumPy views, the core's outputs come back
+through ``torch.from_numpy``.
+
+- :func:`sample_weights`: ``w = loc + softplus(rho) * eps`` and the KL term, differentiable in
+  ``loc`` and ``rho`` through the fused pathwise kernel (one call for both outputs' gradients).
+- :class:`BayesianLinear`: an ``nn.Module`` with a mean-field Gaussian over its weights and
+  biases, estimators "reparam", "local" (local reparameterisation) and "flipout", the noise drawn
+  by vigrad's counter-based generator and regenerated in the backward pass, whose single fused
+  kernel call yields dF/dloc and dF/drho for ``F = NLL + kl_weight * KL``.
+- :func:`kl_loss`: the sum of the KL terms of every vigrad layer in a model.
+
+Eval mode (``module.eval()``) uses the mean weights: no noise, no KL recorded.  To draw Monte
+Carlo predictions in eval mode, wrap them in ``with vgt.sampling(model): ...``.
+
+Examples
+--------
+>>> import torch, vigrad as vg, vigrad.torch as vgt
+>>> model = torch.nn.Sequential(vgt.BayesianLinear(4, 8, seed=0), torch.nn.ReLU(),
+...                             vgt.BayesianLinear(8, 3, seed=1))
+>>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+>>> loss = torch.nn.functional.cross_entropy(model(x), y, reduction="sum") + 0.01 * vgt.kl_loss(model)
+>>> loss.backward()
+>>> model[0].loc.grad.shape, model[0].rho.grad.shape
+(torch.Size([40]), torch.Size([40]))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from typing import NamedTuple, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _core
+from ._validation import check_num_samples, check_real, resolve_workers
+from .bnn import _derive_keys
+from .distributions import Normal, ScaleMixtureNormal
+
+__all__ = ["BayesianLinear", "DeviceError", "derive_key", "kl_loss", "sample_weights", "sampling"]
+
+_ESTIMATORS = ("reparam", "local", "flipout")
+_KL_MODES = ("mc", "analytic")
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+#: XORed into the key for the local reparameterisation's per-example draws (as vigrad.bnn).
+_LOCAL_KEY_SALT = 0x5DEECE66D
+
+
+class DeviceError(TypeError, ValueError):
+    """A tensor is not on the CPU (vigrad's core runs on CPU memory); both a TypeError and a ValueError."""
+
+
+# -- tensor <-> core plumbing ------------------------------------------------------------------
+def _check_tensor(t, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise DeviceError(f"vigrad's core runs on CPU tensors; {name} is on {t.device} "
+                          f"(move it with .cpu(), a module with .to('cpu'))")
+    if t.dtype not in _NP_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64 (vigrad's core supports these two), got {t.dtype}")
+    return t
+
+
+def _same_dtype(pairs):
+    (n0, t0), rest = pairs[0], pairs[1:]
+    for n, t in rest:
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{n0} and {n} must have the same dtype, got {t0.dtype} and {t.dtype}")
+
+
+def _np(t):
+    """Zero-copy NumPy view of a CPU tensor's memory (a contiguous copy first when it is strided)."""
+    return t.detach().contiguous().numpy()
+
+
+def _prior_flat(prior, np_dtype, shape):
+    return prior._flat_params(np_dtype, tuple(shape))
+
+
+def _check_prior(prior):
+    if not isinstance(prior, (Normal, ScaleMixtureNormal)):
+        raise TypeError(f"prior must be a vigrad Normal or ScaleMixtureNormal, got {type(prior).__name__}")
+
+
+def _check_kl(kl, prior):
+    if not isinstance(kl, str) or kl not in _KL_MODES:
+        raise ValueError(f"kl must be 'mc' or 'analytic', got {kl!r}")
+    if kl == "analytic" and not isinstance(prior, Normal):
+        raise ValueError("kl='analytic' needs a Normal prior (no closed form for the scale mixture); use kl='mc'")
+
+
+# -- sample_weights --------------------------------------------------------------------------------
+class _SampleWeights(torch.autograd.Function):
+    """(w, kl) from (loc, rho, eps); backward = one fused pathwise kernel call.
+
+    The kernel returns the gradient of F = kw KL - mean_s sum_j glik_sj w_sj.  The gradient
+    torch needs is that of L = sum_sj gw_sj w_sj + gk KL, i.e. F with glik = -S gw and kw = gk.
+    """
+
+    @staticmethod
+    def forward(ctx, loc, rho, eps, prior, kl, workers):
+        shape = tuple(loc.shape)
+        D = loc.numel()
+        single = tuple(eps.shape) == shape
+        S = 1 if single else eps.shape[0]
+        l1, r1 = _np(loc).reshape(D), _np(rho).reshape(D)
+        e2 = _np(eps).reshape(S, D)
+        np_dtype = l1.dtype
+        params = _prior_flat(prior, np_dtype, shape)
+        sigma = _core.softplus(r1, workers)
+        w = torch.empty((S, D), dtype=loc.dtype)
+        wn = w.numpy()
+        np.multiply(e2, sigma, out=wn)
+        wn += l1
+        if kl == "analytic":
+            klv, _, _ = _core.kl_mf_normal(l1, r1, *params, 0.0, workers)
+        else:
+            log_q = _core.mf_log_prob(l1, sigma, wn, workers).astype(np.float64)
+            log_p = prior._log_prob(wn, params, workers).astype(np.float64)
+            klv = float(np.mean(log_q - log_p))
+        ctx.save_for_backward(loc, rho, eps)
+        ctx.meta = (shape, S, D, prior, kl, workers)
+        w = w.reshape(shape if single else (S,) + shape)
+        return w, torch.tensor(klv, dtype=loc.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_w, grad_kl):
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            grads = _SampleWeights._backward(ctx, grad_w, grad_kl)
+        return _guard_double_backward(grads, ctx.saved_tensors[:2]) if create_graph else grads
+
+    @staticmethod
+    def _backward(ctx, grad_w, grad_kl):
+        loc, rho, eps = ctx.saved_tensors
+        shape, S, D, prior, kl, workers = ctx.meta
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None, None, None
+        l1, r1 = _np(loc).reshape(D), _np(rho).reshape(D)
+        e2 = _np(eps).reshape(S, D)
+        if grad_w is None:
+            glik = np.zeros((S, D), l1.dtype)
+        else:
+            glik = (grad_w.reshape(S, D) * (-float(S))).contiguous().numpy()
+        gk = 0.0 if grad_kl is None else float(grad_kl.detach())
+        params = _prior_flat(prior, l1.dtype, shape)
+        mode = "analytic" if kl == "analytic" else "mc"
+        fn = _core.pathwise_grad_normal if isinstance(prior, Normal) else _core.pathwise_grad_mixture
+        gl, gr, _, _ = fn(l1, r1, e2, glik, *params, mode, gk, workers)
+        gl = torch.from_numpy(gl).reshape(shape) if ctx.needs_input_grad[0] else None
+        gr = torch.from_numpy(gr).reshape(shape) if ctx.needs_input_grad[1] else None
+        return gl, gr, None, None, None, None
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on a gradient computed under create_graph=True, anchoring it to the parameters so
+    that differentiating it again raises (vigrad's kernels give first derivatives only)."""
+
+    @staticmethod
+    def forward(ctx, value, *anchors):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("vigrad.torch: the gradients computed by vigrad's kernels are not differentiable "
+                           "(double backward, e.g. create_graph=True through sample_weights or BayesianLinear, "
+                           "is not supported)")
+
+
+def _guard_double_backward(grads, anchors):
+    """Under create_graph=True, wrap each gradient so that a second differentiation raises
+    instead of silently treating it as a constant."""
+    anchors = [a for a in anchors if a.requires_grad]
+    if not anchors:
+        return grads
+    return tuple(g if g is None else _NoDoubleBackward.apply(g, *anchors) for g in grads)
+
+
+def sample_weights(loc, rho, eps, prior, kl="mc", *, workers=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""Weights ``w = loc + softplus(rho) * eps`` and the KL term, differentiable in loc and rho.
+
+    Parameters
+    ----------
+    loc, rho : Tensor, one shape (any), float32 or float64, on the CPU
+    eps : Tensor, shape (S, *loc.shape), or loc.shape for a single sample
+        The standard-normal noise; treated as data (no gradient flows to it).
+    prior : vigrad.Normal or vigrad.ScaleMixtureNormal
+    kl : {"mc", "analytic"}
+        "mc": the Monte Carlo estimate mean_s sum_j [log q(w_sj) - log p(w_sj)] at these samples
+        (Proposition 1 of Blundell et al., any prior); "analytic": the closed form KL[q || Normal]
+        (Normal prior only; eps still defines w).
+    workers : int or None
+        Threads for the core (None: vigrad.max_workers).
+
+    Returns
+    -------
+    w : Tensor, the shape of eps
+    kl : 0-d Tensor, the dtype of loc
+
+    The backward pass is one call of vigrad's fused pathwise kernel for the gradients of both
+    outputs; non-finite values propagate as in any torch op.  Double backward is not supported
+    (differentiating the gradients again raises a RuntimeError).
+
+    Examples
+    --------
+    >>> import torch, vigrad as vg, vigrad.torch as vgt
+    >>> loc = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    >>> rho = torch.full((3,), -1.0, dtype=torch.float64, requires_grad=True)
+    >>> eps = torch.randn(4, 3, dtype=torch.float64)
+    >>> w, kl = vgt.sample_weights(loc, rho, eps, vg.Normal(0.0, 1.0))
+    >>> (w.square().sum() + kl).backward()
+    >>> w.shape, loc.grad.shape
+    (torch.Size([4, 3]), torch.Size([3]))
+    """
+    _check_prior(prior)
+    _check_kl(kl, prior)
+    for name, t in (("loc", loc), ("rho", rho), ("eps", eps)):
+        _check_tensor(t, name)
+    _same_dtype([("loc", loc), ("rho", rho), ("eps", eps)])
+    if rho.shape != loc.shape:
+        raise ValueError(f"loc and rho must have the same shape, got {tuple(loc.shape)} and {tuple(rho.shape)}")
+    shape = tuple(loc.shape)
+    if tuple(eps.shape) != shape and (eps.dim() != loc.dim() + 1 or tuple(eps.shape[1:]) != shape):
+        raise ValueError(f"eps must have shape (S, *{shape}) or {shape} (one sample), got {tuple(eps.shape)}")
+    if tuple(eps.shape) != shape and eps.shape[0] < 1:
+        raise ValueError("eps must hold at least one sample, got S = 0")
+    return _SampleWeights.apply(loc, rho, eps, prior, kl, resolve_workers(workers))
+
+
+# -- the Bayes-by-Backprop layer ------------------------------------------------------------------
+def derive_key(seed: int, step: int, stream: int = 0) -> int:
+    """The 64-bit noise key of forward number ``step`` of a layer seeded with ``seed`` (stream 0:
+    training-mode forwards, 1: sampled eval-mode forwards).  A pure function (Philox, as
+    vigrad.BayesianMLP's keys), so a seeded layer draws the same noise on every run."""
+    return _derive_keys(int(seed), int(step), int(stream), 1)[0]
+
+
+class _Spec(NamedTuple):
+    estimator: str
+    kl: str
+    key: int
+    kernel: object
+    params: tuple
+    workers: int
+    in_features: int
+    out_features: int
+
+
+class _LinearFn(torch.autograd.Function):
+    """(y, kl) = the layer's sampled forward; backward: BLAS products in torch and one fused
+    bbb_grad call with kl_weight = grad_kl (mirrors vigrad.bnn.BayesianLinear)."""
+
+    @staticmethod
+    def forward(ctx, x, loc, rho, spec):
+        n_in, n_out = spec.in_features, spec.out_features
+        k = n_in * n_out
+        P = k + n_out
+        dt = loc.dtype
+        x_in, x = x, x.detach()
+        loc_t, rho_t = loc.detach().contiguous(), rho.detach().contiguous()
+        loc_np, rho_np = loc_t.numpy(), rho_t.numpy()
+        M, mb = loc_t[:k].view(n_out, n_in), loc_t[k:]
+        key, est = spec.key, spec.estimator
+        if est == "reparam":
+            w = torch.empty(P, dtype=dt)
+            _core.bbb_noise("weights", key, loc_np, rho_np, w.numpy(), spec.workers)
+            W = w[:k].view(n_out, n_in)
+            y = torch.addmm(w[k:], x, W.t())
+            ctx.cache = (W,)
+        elif est == "flipout":
+            dw = torch.empty(P, dtype=dt)
+            _core.bbb_noise("perturbation", key, loc_np, rho_np, dw.numpy(), spec.workers)
+            dW, db = dw[:k].view(n_out, n_in), dw[k:]
+            signs = np.random.default_rng(key).integers(0, 2, size=(x.shape[0], n_in + n_out), dtype=np.int8)
+            signs = torch.from_numpy(signs).to(dt).mul_(2).sub_(1)
+            Sg, R = signs[:, :n_in], signs[:, n_in:]
+            xs = x * Sg
+            y = torch.addmm(mb, x, M.t()) + torch.addmm(db, xs, dW.t()) * R
+            ctx.cache = (xs, Sg, R, dW, M)
+        else:  # local reparameterisation
+            sigma = torch.from_numpy(_core.softplus(rho_np, spec.workers))
+            var = sigma * sigma
+            V, vb = var[:k].view(n_out, n_in), var[k:]
+            x2 = x * x
+            std = torch.addmm(vb, x2, V.t()).sqrt_()
+            zeta = torch.empty((1, x.shape[0] * n_out), dtype=dt)
+            _core.standard_normal(key ^ _LOCAL_KEY_SALT, zeta.numpy(), spec.workers)
+            zeta = zeta.view(x.shape[0], n_out)
+            y = torch.addmm(mb, x, M.t()) + std * zeta
+            ctx.cache = (x2, V, std, zeta, M, sigma)
+        # the KL term at the same noise (its gradient is the one the backward kernel adds)
+        zeros = np.zeros(P, loc_np.dtype)
+        _, _, klv, _ = spec.kernel("direct", spec.kl, key, loc_np, rho_np, zeros, zeros, *spec.params, 0.0,
+                                   spec.workers)
+        ctx.save_for_backward(x_in, loc, rho)
+        ctx.spec = spec
+        return y, torch.tensor(klv, dtype=dt)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_kl):
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            grads = _LinearFn._backward(ctx, grad_y, grad_kl)
+        return _guard_double_backward(grads, ctx.saved_tensors) if create_graph else grads
+
+    @staticmethod
+    def _backward(ctx, grad_y, grad_kl):
+        x, loc, rho = ctx.saved_tensors
+        spec = ctx.spec
+        n_in, n_out = spec.in_features, spec.out_features
+        k = n_in * n_out
+        P = k + n_out
+        dt = loc.dtype
+        need_x = ctx.needs_input_grad[0]
+        need_p = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        G = grad_y if grad_y is not None else torch.zeros((x.shape[0], n_out), dtype=dt)
+        gk = 0.0 if grad_kl is None else float(grad_kl.detach())
+        est = spec.estimator
+        grad_x = None
+        if need_p:
+            A = torch.empty(P, dtype=dt)
+            torch.mm(G.t(), x, out=A[:k].view(n_out, n_in))
+            torch.sum(G, 0, out=A[k:])
+        BC = None
+        if est == "reparam":
+            (W,) = ctx.cache
+            if need_x:
+                grad_x = G @ W
+            data = "reparam"
+        elif est == "flipout":
+            xs, Sg, R, dW, M = ctx.cache
+            GR = G * R
+            if need_x:
+                grad_x = G @ M + (GR @ dW) * Sg
+            if need_p:
+                BC = torch.empty(P, dtype=dt)
+                torch.mm(GR.t(), xs, out=BC[:k].view(n_out, n_in))
+                torch.sum(GR, 0, out=BC[k:])
+            data = "times_eps"
+        else:
+            x2, V, std, zeta, M, sigma = ctx.cache
+            H = G * zeta / (2.0 * std)
+            if need_x:
+                grad_x = G @ M + 2.0 * x * (H @ V)
+            if need_p:
+                BC = torch.empty(P, dtype=dt)
+                torch.mm(H.t(), x2, out=BC[:k].view(n_out, n_in))
+                torch.sum(H, 0, out=BC[k:])
+                BC.mul_(sigma).mul_(2.0)  # dNLL/dsigma = 2 sigma dNLL/dvar
+            data = "direct"
+        gl = gr = None
+        if need_p:
+            loc_np, rho_np = _np(loc), _np(rho)
+            kl_mode = spec.kl if gk != 0.0 else "none"
+            gl, gr, _, _ = spec.kernel(data, kl_mode, spec.key, loc_np, rho_np, A.numpy(),
+                                       None if BC is None else BC.numpy(), *spec.params, gk, spec.workers)
+            gl = torch.from_numpy(gl) if ctx.needs_input_grad[1] else None
+            gr = torch.from_numpy(gr) if ctx.needs_input_grad[2] else None
+        return grad_x, gl, gr, None
+
+
+class BayesianLinear(nn.Module):
+    r"""A fully connected layer with a mean-field Gaussian over its weights and biases (Bayes by Backprop).
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    prior : vigrad.Normal or vigrad.ScaleMixtureNormal, keyword-only
+        Default: Blundell et al.'s scale mixture 0.5 N(0, 1) + 0.5 N(0, e^-12).
+    estimator : {"reparam", "local", "flipout"}, keyword-only
+        "reparam": one weight sample per forward (Blundell et al.); "local": the local
+        reparameterisation trick (pre-activations sampled per example); "flipout": a shared
+        perturbation decorrelated per example by random sign flips.
+    kl : {"mc", "analytic"}, keyword-only
+        The layer's KL term: Monte Carlo log q(w) - log p(w) at w = loc + softplus(rho) eps
+        (eps from the forward's key; for "local" a weight sample separate from the
+        pre-activation noise), or the closed form (Normal prior only).
+    init_rho : float
+        Initial rho of every parameter (scale softplus(init_rho)).
+    seed : int in [0, 2**63) or None
+        Seeds the initial means (uniform in +-1/sqrt(in_features), as nn.Linear) and the noise:
+        forward number t in training mode uses the key ``derive_key(seed, t)``.  None draws the
+        seed from torch's global generator, so ``torch.manual_seed`` makes the layer reproducible.
+    dtype : torch.float32 or torch.float64, optional
+        Default: torch.get_default_dtype().  ``module.to(torch.float64)`` converts later.
+    workers : int or None
+        Threads for the core (None: vigrad.max_workers).
+
+    Attributes
+    ----------
+    loc, rho : Parameter, shape (out*in + out,)
+        The flat variational parameters, weights (out, in) row-major then biases;
+        ``weight_loc``, ``bias_loc``, ``weight_rho``, ``bias_rho`` are views.
+    last_kl : 0-d Tensor or None
+        The KL term of the most recent sampled forward (in the autograd graph).
+    last_key : int or None
+        The noise key of the most recent sampled forward.
+    sampling : None, True or False
+        None (default): sample in training mode, use the mean weights in eval mode; True / False
+        force either (see :func:`sampling`).
+    noise_seed, noise_step : buffers
+        The seed and the forward counters (training stream, eval stream), saved in state_dict so
+        that a reloaded layer continues the noise stream where it stopped.
+
+    Notes
+    -----
+    In training mode each forward draws fresh noise and records the layer's KL term (``last_kl``,
+    summed over a model by :func:`kl_loss`); the backward pass regenerates the noise from the key
+    and makes one fused kernel call, with the gradient reaching ``last_kl`` as the KL weight, so
+    ``loss = nll + c * vgt.kl_loss(model)`` backpropagates correctly for any c.  Forwarding a layer
+    twice before ``backward`` replaces ``last_kl``: for several Monte Carlo samples add up
+    ``kl_loss`` after each forward.  In eval mode the forward uses the mean weights, draws nothing
+    and leaves ``last_kl`` as it was (the last sampled forward's KL).  Inside ``with
+    vgt.sampling(model):`` eval-mode forwards sample, with keys from a separate stream, so
+    evaluating never shifts the training noise.
+    """
+
+    def __init__(self, in_features, out_features, *, prior=None, estimator="reparam", kl="mc", init_rho=-7.0,
+                 seed=None, dtype=None, workers=None):
+        super().__init__()
+        self.in_features = check_num_samples(in_features, "in_features")
+        self.out_features = check_num_samples(out_features, "out_features")
+        if not isinstance(estimator, str) or estimator not in _ESTIMATORS:
+            raise ValueError(f"estimator must be one of {', '.join(map(repr, _ESTIMATORS))}, got {estimator!r}")
+        self.estimator = estimator
+        self.prior = ScaleMixtureNormal(0.5, 1.0, math.exp(-6)) if prior is None else prior
+        _check_prior(self.prior)
+        _check_kl(kl, self.prior)
+        self.kl = kl
+        self.init_rho = check_real(init_rho, "init_rho")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in _NP_DTYPES:
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.workers = resolve_workers(workers)
+        if seed is None:
+            seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
+        n = self.num_params
+        self.loc = nn.Parameter(torch.empty(n, dtype=dtype))
+        self.rho = nn.Parameter(torch.empty(n, dtype=dtype))
+        self.register_buffer("noise_seed", torch.tensor(int(seed), dtype=torch.int64))
+        self.register_buffer("noise_step", torch.zeros(2, dtype=torch.int64))
+        self.sampling: Optional[bool] = None
+        self.last_kl: Optional[torch.Tensor] = None
+        self.last_key: Optional[int] = None
+        self.reset_parameters()
+
+    @property
+    def num_params(self) -> int:
+        return self.in_features * self.out_features + self.out_features
+
+    def __getstate__(self):
+        # copy.deepcopy / pickle: drop the last KL term, which holds a piece of the autograd graph
+        # (non-leaf tensors cannot be deep-copied); the copy starts as if no forward had run
+        state = super().__getstate__()
+        state["last_kl"] = None
+        return state
+
+    @property
+    def seed(self) -> int:
+        return int(self.noise_seed)
+
+    def reset_parameters(self):
+        """Means uniform in +-1/sqrt(in_features) (nn.Linear's init) from a generator seeded by
+        the layer's seed, rho = init_rho; the noise counters restart."""
+        gen = torch.Generator().manual_seed(self.seed)
+        bound = 1.0 / math.sqrt(self.in_features)
+        with torch.no_grad():  # drawn in float64, so a float32 layer holds the rounding of the float64 one
+            self.loc.copy_(torch.empty(self.num_params, dtype=torch.float64).uniform_(-bound, bound, generator=gen))
+            self.rho.fill_(self.init_rho)
+            self.noise_step.zero_()
+        self.last_kl = self.last_key = None
+
+    # views of the flat parameters
+    def _split(self, flat):
+        k = self.in_features * self.out_features
+        return flat[:k].view(self.out_features, self.in_features), flat[k:]
+
+    @property
+    def weight_loc(self):
+        return self._split(self.loc)[0]
+
+    @property
+    def bias_loc(self):
+        return self._split(self.loc)[1]
+
+    @property
+    def weight_rho(self):
+        return self._split(self.rho)[0]
+
+    @property
+    def bias_rho(self):
+        return self._split(self.rho)[1]
+
+    @property
+    def weight_scale(self):
+        """softplus(weight_rho), differentiable."""
+        return nn.functional.softplus(self.weight_rho)
+
+    @property
+    def bias_scale(self):
+        return nn.functional.softplus(self.bias_rho)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, estimator={self.estimator!r}, "
+                f"kl={self.kl!r}, prior={self.prior!r}, seed={self.seed}")
+
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        for name, t in (("x is", x), ("the layer's parameters are", self.loc)):
+            if t.device.type != "cpu":
+                raise DeviceError(f"vigrad's core runs on CPU tensors; {name} on {t.device} "
+                                  f"(move it with .cpu(), the module with .to('cpu'))")
+        if self.loc.dtype not in _NP_DTYPES or self.rho.dtype != self.loc.dtype:
+            raise TypeError(f"the layer's parameters must be float32 or float64 (vigrad's core supports these "
+                            f"two), got loc {self.loc.dtype} and rho {self.rho.dtype}")
+        if x.dtype != self.loc.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the layer's parameters are {self.loc.dtype}: convert the "
+                            f"input (x.to({self.loc.dtype})) or the layer (layer.to({x.dtype}))")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
+
+    def forward(self, x):
+        self._check_input(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        sample = self.training if self.sampling is None else bool(self.sampling)
+        if not sample:
+            y = nn.functional.linear(x2, self.weight_loc, self.bias_loc)
+            return y.reshape(*lead, self.out_features)
+        stream = 0 if self.training else 1
+        with torch.no_grad():
+            step = int(self.noise_step[stream])
+            key = derive_key(self.seed, step, stream)
+            self.noise_step[stream] += 1
+        np_dtype = _NP_DTYPES[self.loc.dtype]
+        kernel = _core.bbb_grad_normal if isinstance(self.prior, Normal) else _core.bbb_grad_mixture
+        spec = _Spec(self.estimator, self.kl, key, kernel, _prior_flat(self.prior, np_dtype, (self.num_params,)),
+                     self.workers, self.in_features, self.out_features)
+        y, kl = _LinearFn.apply(x2, self.loc, self.rho, spec)
+        self.last_kl, self.last_key = kl, key
+        return y.reshape(*lead, self.out_features)
+
+
+def _layers(model):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return [m for m in model.modules() if isinstance(m, BayesianLinear)]
+
+
+def kl_loss(model) -> torch.Tensor:
+    """The sum of the KL terms (``last_kl``) of every vigrad layer in ``model``: a 0-d tensor in
+    the autograd graph; a zero tensor when no layer has run a sampled forward."""
+    total = None
+    for m in _layers(model):
+        if m.last_kl is not None:
+            total = m.last_kl if total is None else total + m.last_kl
+    if total is None:
+        p = next(model.parameters(), None)
+        return torch.zeros((), dtype=p.dtype if p is not None and p.is_floating_point() else torch.get_default_dtype())
+    return total
+
+
+@contextlib.contextmanager
+def sampling(model, enabled=True):
+    """Within the block every vigrad layer of ``model`` samples its weights (``enabled=True``,
+    e.g. Monte Carlo predictions in eval mode) or uses the means (False), whatever its mode.
+
+    >>> import torch, vigrad.torch as vgt
+    >>> layer = vgt.BayesianLinear(2, 2, seed=0, init_rho=0.0).eval()
+    >>> x = torch.ones(1, 2)
+    >>> with torch.no_grad(), vgt.sampling(layer):
+    ...     a, b = layer(x), layer(x)
+    >>> bool((a != b).any()), bool((layer(x) == layer(x)).all())
+    (True, True)
+    """
+    layers = _layers(model)
+    saved = [m.sampling for m in layers]
+    for m in layers:
+        m.sampling = bool(enabled)
+    try:
+        yield model
+    finally:
+        for m, s in zip(layers, saved):
+            m.sampling = s
