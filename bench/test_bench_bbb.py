@@ -115,3 +115,34 @@ def test_memory_per_step(data):
           f"(parameters: {2 * P * 4 / 2**20:.1f} MiB for loc and rho)")
     # O(parameters + activations): a few parameter-sized buffers (weights, gradients), no S x D noise
     assert peak - base < 8 * P * 4 + 64 * B * 784 * 4
+
+
+def test_vigrad_torch_layers_step(benchmark, data, torch):
+    """The same network built from vigrad.torch.BayesianLinear inside PyTorch (issue 7:
+    target >= 2x the plain-torch layers above)."""
+    import vigrad.torch as vgt
+
+    X, y = data
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    layers = torch.nn.ModuleList([vgt.BayesianLinear(SIZES[i], SIZES[i + 1], seed=i) for i in range(3)])
+    opt = torch.optim.Adam(layers.parameters(), lr=1e-3)
+
+    def ten_steps():
+        for i in range(STEPS):
+            xb, yb = Xt[i * B:(i + 1) * B], yt[i * B:(i + 1) * B]
+            h = xb
+            for j, layer in enumerate(layers):
+                h = layer(h)
+                if j < 2:
+                    h = torch.relu(h)
+            loss = torch.nn.functional.cross_entropy(h, yb, reduction="sum") + vgt.kl_loss(layers) / STEPS
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return float(loss.detach())
+
+    ten_steps()
+    tag(benchmark, "bbb-step-784-400-400-10", impl="torch+vigrad.torch-reparam", batch=B, dtype="float32",
+        steps_per_round=STEPS)
+    loss = benchmark.pedantic(ten_steps, rounds=5, iterations=1)
+    assert math.isfinite(loss)
