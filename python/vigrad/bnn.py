@@ -41,6 +41,14 @@ _FORMAT = "vigrad.BayesianMLP"
 _FORMAT_VERSION = 1
 
 
+def layer_workers(workers):
+    """Threads for a layer's elementwise passes.  None means one: the matrix products of the same
+    step already use every core through BLAS, whose threads keep spinning after each product, and
+    an OpenMP team on the same cores then waits for a core at every barrier.  Measured on 2 cores,
+    784-400-400-10, batch 128: 12.4 ms per step with one thread, 31.9 ms with two."""
+    return 1 if workers is None else resolve_workers(workers)
+
+
 def default_prior():
     """Blundell et al.'s scale mixture 0.5 N(0, 1) + 0.5 N(0, e^-12) (sigma2 = e^-6)."""
     return ScaleMixtureNormal(0.5, 1.0, math.exp(-6))
@@ -96,6 +104,9 @@ class BayesianLinear:
         Seeds the initial means and the layer's noise key.
     params : (loc, rho) views, optional
         Flat arrays of size in*out + out to use as parameter storage (BayesianMLP shares one buffer).
+    workers : int or None
+        Threads for the fused elementwise passes; None means 1 (see :func:`layer_workers`: BLAS
+        already uses every core for the matrix products).
 
     Examples
     --------
@@ -121,7 +132,7 @@ class BayesianLinear:
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
-        self.workers = resolve_workers(workers)
+        self.workers = layer_workers(workers)
         n = self.num_params
         if params is None:
             loc, rho = np.empty(n, self.dtype), np.empty(n, self.dtype)
@@ -277,6 +288,9 @@ class BayesianMLP:
         the calibration; see bench/README.md).
     kl : {"mc", "analytic"}
         The KL term: Monte Carlo at the sampled weights (any prior) or closed form (Normal prior).
+    workers : int or None
+        Threads for the fused elementwise passes; None means 1, because BLAS already uses every
+        core for the matrix products and two thread pools on the same cores wait for each other.
 
     Examples
     --------
@@ -316,7 +330,7 @@ class BayesianMLP:
             raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
         self.noise_std = None if noise_std is None else check_real(noise_std, "noise_std", positive=True)
         self.init_rho = float(init_rho)
-        self.workers = resolve_workers(workers)
+        self.workers = layer_workers(workers)
         gen = resolve_rng(rng)
         self._base_key = int(gen.integers(0, 2**64, dtype=np.uint64))
         counts = [sizes[i] * sizes[i + 1] + sizes[i + 1] for i in range(len(sizes) - 1)]

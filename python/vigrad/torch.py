@@ -41,6 +41,7 @@ from torch import nn
 
 from . import _core
 from ._validation import check_num_samples, check_real, resolve_workers
+from .bnn import layer_workers
 from .bnn import _derive_keys
 from .distributions import Normal, ScaleMixtureNormal
 
@@ -439,7 +440,7 @@ class BayesianLinear(nn.Module):
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if dtype not in _NP_DTYPES:
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        self.workers = resolve_workers(workers)
+        self.workers = layer_workers(workers)
         if seed is None:
             seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**63:
