@@ -15,8 +15,8 @@ import pytest
 import vigrad as vg
 from vigrad import reference as ref
 
-from benchlib import (D, DTYPES, NORMAL, SEED, assert_agree, dtype_id, peak_alloc, seed_log_lik, tag,
-                      torch_free_energy_step, torch_params, variational_params)
+from benchlib import (D, DTYPES, NORMAL, SEED, assert_agree, dtype_id, page_faults_per_call, peak_alloc,
+                      seed_log_lik, tag, torch_free_energy_step, torch_params, variational_params)
 
 pytestmark = [pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id),
               pytest.mark.parametrize("S", [1, 8], ids=lambda s: f"S{s}")]
@@ -51,6 +51,7 @@ def test_elbo_vigrad(benchmark, dtype, S):
     benchmark.extra_info["peak_alloc_bytes_first_call"] = _in_new_thread(lambda: peak_alloc(step)[0])
     step()
     benchmark.extra_info["peak_alloc_bytes"] = peak_alloc(step)[0]
+    benchmark.extra_info["page_faults_per_call"] = page_faults_per_call(step)
     res = benchmark(step)
 
     # the NumPy reference on the same noise

@@ -14,8 +14,8 @@ import pytest
 import vigrad as vg
 from vigrad import reference as ref
 
-from benchlib import (D, DTYPES, NORMAL, PRIORS, dtype_id, pathwise_problem, peak_alloc, reference_pathwise,
-                      assert_agree, size_id, tag, torch_free_energy_step, torch_params)
+from benchlib import (D, DTYPES, NORMAL, PRIORS, assert_agree, dtype_id, page_faults_per_call, pathwise_problem,
+                      peak_alloc, reference_pathwise, size_id, tag, torch_free_energy_step, torch_params)
 
 #: Allowance over the two outputs for what pathwise_grad may allocate besides (Python objects).
 SMALL_CHANGE = 64 * 1024
@@ -47,9 +47,14 @@ def _setup(benchmark, impl, prior, dtype, S, n):
 def test_pathwise_vigrad(benchmark, prior, dtype, S, n):
     loc, rho, eps, glik = _setup(benchmark, "vigrad", prior, dtype, S, n)
     p = prior.vigrad
-    peak, _ = peak_alloc(lambda: vg.pathwise_grad(loc, rho, eps, glik, p))
+
+    def call():
+        return vg.pathwise_grad(loc, rho, eps, glik, p)
+
+    peak, _ = peak_alloc(call)
     benchmark.extra_info["peak_alloc_bytes"] = peak
-    out = benchmark(vg.pathwise_grad, loc, rho, eps, glik, p)
+    benchmark.extra_info["page_faults_per_call"] = page_faults_per_call(call)
+    out = benchmark(call)
     assert_agree(out, reference_pathwise(prior, n, S, dtype)[0], dtype, prior.tol_scale)
     # "nothing is allocated but the two outputs"
     assert peak <= 2 * n * np.dtype(dtype).itemsize + SMALL_CHANGE
