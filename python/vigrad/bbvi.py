@@ -127,7 +127,7 @@ class _NonFinite(ValueError):
     pass
 
 
-def log_joint_grads(target, x):
+def _log_joint_grads(target, x):
     """The raw gradients of log_joint at the whitened points x (for error messages only)."""
     out = target.log_joint(target.to_z(x))
     return np.asarray(out[1], dtype=np.float64)
@@ -435,7 +435,7 @@ def fit(log_joint: Callable, init, *, family: str = "meanfield", rank: Optional[
                 if need_grads:
                     grads = qc._pathwise(eps, g, mode, nw)
                     if not all(np.isfinite(gb).all() for gb in grads):
-                        target.check_grads(g if target.kind is None else np.asarray(log_joint_grads(target, z_x)))
+                        target.check_grads(g if target.kind is None else np.asarray(_log_joint_grads(target, z_x)))
                 else:
                     grads = _score_gradient(qc, z_x, eps, log_p)
             except _NonFinite as exc:
