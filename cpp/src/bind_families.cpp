@@ -305,14 +305,7 @@ void def_families(py::module_& m) {
       "pathwise_grad_flat",
       [](carray<Real> loc, carray<Real> rho, carray<Real> eps, carray<Real> glik, const std::string& mode,
          double kl_weight, int workers) {
-        require_ndim(loc, 1, "loc");
-        const std::int64_t D = loc.shape(0);
-        require_shape(rho, {D}, "rho", "(D,) like loc");
-        require_ndim(eps, 2, "eps");
-        const std::int64_t S = eps.shape(0);
-        require_shape(eps, {S, D}, "eps", "(S, D) with D = loc.size");
-        require_shape(glik, {S, D}, "grad_log_lik", "(S, D) like eps");
-        if (S < 1) throw py::value_error("eps must hold at least one sample, got S = 0");
+        const auto [S, D] = check_pathwise(loc, rho, eps, glik);
         const core::KLMode md = parse_family_mode(mode);
         check_workers(workers);
         carray<Real> gl(D), gr(D);

@@ -9,24 +9,6 @@ namespace vigrad::bind {
 
 namespace {
 
-struct Dims {
-  std::int64_t S, D;
-};
-
-template <class Real>
-Dims check_pathwise(const carray<Real>& loc, const carray<Real>& rho, const carray<Real>& eps,
-                    const carray<Real>& glik) {
-  require_ndim(loc, 1, "loc");
-  const std::int64_t D = loc.shape(0);
-  require_shape(rho, {D}, "rho", "(D,) like loc");
-  require_ndim(eps, 2, "eps");
-  const std::int64_t S = eps.shape(0);
-  require_shape(eps, {S, D}, "eps", "(S, D) with D = loc.size");
-  require_shape(glik, {S, D}, "grad_log_lik", "(S, D) like eps");
-  if (S < 1) throw py::value_error("eps must hold at least one sample, got S = 0");
-  return {S, D};
-}
-
 core::KLMode parse_mode(const std::string& mode, bool allow_analytic) {
   if (mode == "mc") return core::KLMode::kMC;
   if (mode == "stl") return core::KLMode::kSTL;

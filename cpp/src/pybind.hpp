@@ -54,6 +54,25 @@ inline bool param_is_array(const py::array& a, std::int64_t D, const char* name)
                         std::to_string(a.shape(0)));
 }
 
+struct Dims {
+  std::int64_t S, D;
+};
+
+// loc, rho (D,); eps and the log-likelihood gradient (S, D) with S >= 1.
+template <class Real>
+Dims check_pathwise(const carray<Real>& loc, const carray<Real>& rho, const carray<Real>& eps,
+                    const carray<Real>& glik) {
+  require_ndim(loc, 1, "loc");
+  const std::int64_t D = loc.shape(0);
+  require_shape(rho, {D}, "rho", "(D,) like loc");
+  require_ndim(eps, 2, "eps");
+  const std::int64_t S = eps.shape(0);
+  require_shape(eps, {S, D}, "eps", "(S, D) with D = loc.size");
+  require_shape(glik, {S, D}, "grad_log_lik", "(S, D) like eps");
+  if (S < 1) throw py::value_error("eps must hold at least one sample, got S = 0");
+  return {S, D};
+}
+
 inline int check_workers(int workers) {
   if (workers < 1) throw py::value_error("workers must be >= 1 at this level, got " + std::to_string(workers));
   return workers;
