@@ -23,16 +23,13 @@ Run: python examples/cavi_normal_gamma.py [--fast] [--outdir DIR]
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 
 import vigrad.cavi as cavi
 
-HERE = Path(__file__).resolve().parent
+import _common  # examples/_common.py, beside this script
 PRIOR = dict(mu0=0.0, lambda0=1.0, a0=2.0, b0=2.0)
 
 
@@ -95,7 +92,7 @@ def main(fast=False, outdir=None):
         print(f"  N = {m:>5}: gap {gap:.6f}   1/(4a) = {1 / (4 * em['a']):.6f}   ({rm.num_iter} sweeps)")
 
     png = None
-    plt = _pyplot()
+    plt = _common.pyplot()
     if plt is None:
         print("plot skipped: matplotlib not installed")
     else:
@@ -127,7 +124,7 @@ def main(fast=False, outdir=None):
         axes[1].set_title("posterior couples mu and tau; q cannot")
         axes[1].legend(fontsize=8)
         fig.tight_layout()
-        png = _save(fig, plt, outdir)
+        png = _common.save(fig, plt, outdir, __file__)
     return {"n": n, "cavi": {"mu_n": res.mu_n, "tau_n": res.tau_n, "a_n": res.a_n, "b_n": res.b_n,
                              "E_tau": e_tau_q, "sd_mu": sd_mu_q, "sd_tau": sd_tau_q, "elbo": res.elbo.copy(),
                              "converged": res.converged, "num_iter": res.num_iter},
@@ -136,37 +133,8 @@ def main(fast=False, outdir=None):
 
 # -- shared example plumbing (each example is self-contained) ------------------------------------------
 
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _save(fig, plt, outdir):
-    out = Path(outdir) if outdir is not None else HERE
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / (Path(__file__).stem + ".png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"saved {path}")
-    return str(path)
-
-
-def _cli():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--fast", action="store_true",
-                        help="fewer iterations (also VIGRAD_EXAMPLES_FAST=1)")
-    parser.add_argument("--outdir", default=None, help="where to write the PNG (default: next to this script)")
-    args = parser.parse_args()
-    fast = args.fast or os.environ.get("VIGRAD_EXAMPLES_FAST", "0") not in ("", "0")
-    main(fast=fast, outdir=args.outdir)
 
 
 if __name__ == "__main__":
-    _cli()
+    _common.cli(main, __doc__)

@@ -19,16 +19,13 @@ Run: python examples/correlated_posterior_meanfield.py [--fast] [--outdir DIR]
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 
 import vigrad as vg
 
-HERE = Path(__file__).resolve().parent
+import _common  # examples/_common.py, beside this script
 MEAN = np.array([1.0, -1.0, 0.5])
 U = np.array([1.2, 1.0, 0.6])
 D = np.array([0.4, 0.5, 0.8])
@@ -91,7 +88,7 @@ def main(fast=False, outdir=None):
     print(f"  mean field's sd / true sd: {np.round(ratio, 3)}  -> it reports the conditional spread only")
 
     png = None
-    plt = _pyplot()
+    plt = _common.pyplot()
     if plt is None:
         print("plot skipped: matplotlib not installed")
     else:
@@ -118,44 +115,15 @@ def main(fast=False, outdir=None):
         ax.set_title("1- and 2-sd contours of the (z1, z2) marginal")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        png = _save(fig, plt, outdir)
+        png = _common.save(fig, plt, outdir, __file__)
     return {"true_mean": MEAN.copy(), "true_cov": SIGMA.copy(), "true_sd": sd_true, "meanfield_sd_theory": sd_mf_theory,
             "meanfield_optimum_kl": mf_opt_kl, "fits": fits, "png": png}
 
 
 # -- shared example plumbing (each example is self-contained) ------------------------------------------
 
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _save(fig, plt, outdir):
-    out = Path(outdir) if outdir is not None else HERE
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / (Path(__file__).stem + ".png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"saved {path}")
-    return str(path)
-
-
-def _cli():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--fast", action="store_true",
-                        help="fewer iterations (also VIGRAD_EXAMPLES_FAST=1)")
-    parser.add_argument("--outdir", default=None, help="where to write the PNG (default: next to this script)")
-    args = parser.parse_args()
-    fast = args.fast or os.environ.get("VIGRAD_EXAMPLES_FAST", "0") not in ("", "0")
-    main(fast=fast, outdir=args.outdir)
 
 
 if __name__ == "__main__":
-    _cli()
+    _common.cli(main, __doc__)

@@ -23,16 +23,13 @@ Run: python examples/forward_vs_reverse_kl.py [--fast] [--outdir DIR]
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 
 import vigrad as vg
 
-HERE = Path(__file__).resolve().parent
+import _common  # examples/_common.py, beside this script
 MEANS, SD, WEIGHTS = np.array([-2.0, 2.0]), 0.5, np.array([0.5, 0.5])
 
 
@@ -159,7 +156,7 @@ def main(fast=False, outdir=None):
           f" entirely), KL(q_fwd || p) = {float(reverse_kl(mean_exact, sd_exact)):.4f}")
 
     png = None
-    plt = _pyplot()
+    plt = _common.pyplot()
     if plt is None:
         print("plot skipped: matplotlib not installed")
     else:
@@ -187,7 +184,7 @@ def main(fast=False, outdir=None):
         axes[1].set_title("reverse KL(q || p) landscape")
         axes[1].legend(fontsize=7)
         fig.tight_layout()
-        png = _save(fig, plt, outdir)
+        png = _common.save(fig, plt, outdir, __file__)
     return {"reverse_fits": fits,
             "reverse_optimum": {"mean": mode[0], "sd": mode[1], "kl": mode[2]},
             "centre_optimum": {"mean": 0.0, "sd": centre[1], "kl": centre[2], "mu_curvature": curv},
@@ -198,37 +195,8 @@ def main(fast=False, outdir=None):
 
 # -- shared example plumbing (each example is self-contained) ------------------------------------------
 
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _save(fig, plt, outdir):
-    out = Path(outdir) if outdir is not None else HERE
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / (Path(__file__).stem + ".png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"saved {path}")
-    return str(path)
-
-
-def _cli():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--fast", action="store_true",
-                        help="fewer iterations (also VIGRAD_EXAMPLES_FAST=1)")
-    parser.add_argument("--outdir", default=None, help="where to write the PNG (default: next to this script)")
-    args = parser.parse_args()
-    fast = args.fast or os.environ.get("VIGRAD_EXAMPLES_FAST", "0") not in ("", "0")
-    main(fast=fast, outdir=args.outdir)
 
 
 if __name__ == "__main__":
-    _cli()
+    _common.cli(main, __doc__)

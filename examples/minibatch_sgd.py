@@ -29,16 +29,13 @@ Run: python examples/minibatch_sgd.py [--fast] [--outdir DIR]
 
 from __future__ import annotations
 
-import argparse
-import os
-from pathlib import Path
 
 import numpy as np
 
 import vigrad as vg
 from vigrad import optim
 
-HERE = Path(__file__).resolve().parent
+import _common  # examples/_common.py, beside this script
 BATCH = 32
 
 
@@ -165,7 +162,7 @@ def main(fast=False, outdir=None):
           + ", ".join(f"{r['name'].split(' (')[0]} {r['epochs_to_target']}" for r in runs[:4]))
 
     png = None
-    plt = _pyplot()
+    plt = _common.pyplot()
     if plt is None:
         print("plot skipped: matplotlib not installed")
     else:
@@ -182,7 +179,7 @@ def main(fast=False, outdir=None):
             ax.set_title(title)
         axes[1].legend(fontsize=7)
         fig.tight_layout()
-        png = _save(fig, plt, outdir)
+        png = _common.save(fig, plt, outdir, __file__)
     out = {"skipped": False, "png": png, "methods": {}}
     for key, r in zip(("gd", "shuffle", "replacement", "nesterov_clip", "gd_no_early_stopping"), runs):
         out["methods"][key] = {k: v for k, v in r.items() if not k.endswith("_curve")}
@@ -191,37 +188,8 @@ def main(fast=False, outdir=None):
 
 # -- shared example plumbing (each example is self-contained) ------------------------------------------
 
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _save(fig, plt, outdir):
-    out = Path(outdir) if outdir is not None else HERE
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / (Path(__file__).stem + ".png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"saved {path}")
-    return str(path)
-
-
-def _cli():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--fast", action="store_true",
-                        help="fewer iterations (also VIGRAD_EXAMPLES_FAST=1)")
-    parser.add_argument("--outdir", default=None, help="where to write the PNG (default: next to this script)")
-    args = parser.parse_args()
-    fast = args.fast or os.environ.get("VIGRAD_EXAMPLES_FAST", "0") not in ("", "0")
-    main(fast=fast, outdir=args.outdir)
 
 
 if __name__ == "__main__":
-    _cli()
+    _common.cli(main, __doc__)

@@ -31,16 +31,13 @@ Run: python examples/score_vs_pathwise.py [--fast] [--outdir DIR]
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 
 import vigrad as vg
 
-HERE = Path(__file__).resolve().parent
+import _common  # examples/_common.py, beside this script
 X_OBS = 2.0
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 SAMPLE_SIZES = (1, 4, 16, 64)
@@ -147,7 +144,7 @@ def main(fast=False, outdir=None):
           f"{a_post:.4f} at the posterior: variance {a_nc**2 * 2:.3f} instead of {a_post**2 * 2:.3f} for S = 1")
 
     png = None
-    plt = _pyplot()
+    plt = _common.pyplot()
     if plt is None:
         print("plot skipped: matplotlib not installed")
     else:
@@ -168,43 +165,14 @@ def main(fast=False, outdir=None):
         axes[0].set_ylabel("variance of the loc gradient")
         axes[0].legend(fontsize=8)
         fig.tight_layout()
-        png = _save(fig, plt, outdir)
+        png = _common.save(fig, plt, outdir, __file__)
     return {"reps": reps, "x": X_OBS, "results": results, "z_scores": z_scores, "png": png}
 
 
 # -- shared example plumbing (each example is self-contained) ------------------------------------------
 
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _save(fig, plt, outdir):
-    out = Path(outdir) if outdir is not None else HERE
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / (Path(__file__).stem + ".png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"saved {path}")
-    return str(path)
-
-
-def _cli():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--fast", action="store_true",
-                        help="fewer iterations (also VIGRAD_EXAMPLES_FAST=1)")
-    parser.add_argument("--outdir", default=None, help="where to write the PNG (default: next to this script)")
-    args = parser.parse_args()
-    fast = args.fast or os.environ.get("VIGRAD_EXAMPLES_FAST", "0") not in ("", "0")
-    main(fast=fast, outdir=args.outdir)
 
 
 if __name__ == "__main__":
-    _cli()
+    _common.cli(main, __doc__)

@@ -19,16 +19,13 @@ Run: python examples/seed_bbb_1d.py [--fast] [--outdir DIR]
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 
 import vigrad as vg
 
-HERE = Path(__file__).resolve().parent
+import _common  # examples/_common.py, beside this script
 EXACT_MU = 0.25
 EXACT_SIGMA = math.sqrt(0.5)
 EXACT_F = 0.5 * math.log(2.0) + 1.0 / 16.0
@@ -109,7 +106,7 @@ def main(fast=False, outdir=None):
           f" themselves keep fluctuating around the optimum")
 
     png = None
-    plt = _pyplot()
+    plt = _common.pyplot()
     if plt is None:
         print("plot skipped: matplotlib not installed")
     else:
@@ -132,7 +129,7 @@ def main(fast=False, outdir=None):
         axes[1].set_title(f"F estimate (moving average of {window})")
         axes[1].legend()
         fig.tight_layout()
-        png = _save(fig, plt, outdir)
+        png = _common.save(fig, plt, outdir, __file__)
     return {"num_steps": num_steps, "grad_max_abs_diff": grad_diff,
             "mu_last": float(mus[-1]), "sigma_last": float(sigmas[-1]),
             "mu_avg": mu_avg, "sigma_avg": sigma_avg, "mu_avg_se": mu_se, "sigma_avg_se": sigma_se,
@@ -142,37 +139,8 @@ def main(fast=False, outdir=None):
 
 # -- shared example plumbing (each example is self-contained) ------------------------------------------
 
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _save(fig, plt, outdir):
-    out = Path(outdir) if outdir is not None else HERE
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / (Path(__file__).stem + ".png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"saved {path}")
-    return str(path)
-
-
-def _cli():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--fast", action="store_true",
-                        help="fewer iterations (also VIGRAD_EXAMPLES_FAST=1)")
-    parser.add_argument("--outdir", default=None, help="where to write the PNG (default: next to this script)")
-    args = parser.parse_args()
-    fast = args.fast or os.environ.get("VIGRAD_EXAMPLES_FAST", "0") not in ("", "0")
-    main(fast=fast, outdir=args.outdir)
 
 
 if __name__ == "__main__":
-    _cli()
+    _common.cli(main, __doc__)

@@ -25,11 +25,8 @@ Run: python examples/torch_bbb_digits.py [--fast] [--outdir DIR]
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,7 +36,7 @@ import vigrad as vg
 import vigrad.torch as vgt
 from vigrad.datasets import load_digits, train_test_split
 
-HERE = Path(__file__).resolve().parent
+import _common  # examples/_common.py, beside this script
 
 
 def build_model(estimator="reparam", seed=0, hidden=128, dtype=torch.float32):
@@ -150,7 +147,7 @@ def main(fast=False, outdir=None):
     out.update(accuracy=first["accuracy"], nll=first["nll"], ece=first["ece"])
 
     png = None
-    plt = _pyplot()
+    plt = _common.pyplot()
     if plt is None:
         print("plot skipped: matplotlib not installed")
     else:
@@ -164,44 +161,15 @@ def main(fast=False, outdir=None):
         ax.set_title("digits, 64-128-10 Bayes by Backprop (PyTorch)")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        png = _save(fig, plt, outdir)
+        png = _common.save(fig, plt, outdir, __file__)
     out["png"] = png
     return out
 
 
 # -- shared example plumbing (each example is self-contained) ------------------------------------------
 
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _save(fig, plt, outdir):
-    out = Path(outdir) if outdir is not None else HERE
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / (Path(__file__).stem + ".png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"saved {path}")
-    return str(path)
-
-
-def _cli():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--fast", action="store_true",
-                        help="8 epochs, one estimator (also VIGRAD_EXAMPLES_FAST=1)")
-    parser.add_argument("--outdir", default=None, help="where to write the PNG (default: next to this script)")
-    args = parser.parse_args()
-    fast = args.fast or os.environ.get("VIGRAD_EXAMPLES_FAST", "0") not in ("", "0")
-    main(fast=fast, outdir=args.outdir)
 
 
 if __name__ == "__main__":
-    _cli()
+    _common.cli(main, __doc__, fast_help="8 epochs, one estimator")

@@ -47,9 +47,11 @@ def load_example(name):
     spec = importlib.util.spec_from_file_location(f"vigrad_example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    sys.path.insert(0, str(EXAMPLES))  # the scripts import examples/_common.py, as when run from there
     try:
         spec.loader.exec_module(module)
     finally:
+        sys.path.remove(str(EXAMPLES))
         sys.dont_write_bytecode = saved
     return module
 
@@ -80,7 +82,7 @@ def within_se(estimate, exact, se, k=4.0):
 # ---------------------------------------------------------------------------------------------- plumbing
 
 def test_every_example_is_listed_and_documented():
-    scripts = sorted(p.stem for p in EXAMPLES.glob("*.py"))
+    scripts = sorted(p.stem for p in EXAMPLES.glob("*.py") if not p.stem.startswith("_"))  # _common: plumbing
     assert scripts == sorted(NAMES)
     readme = (EXAMPLES / "README.md").read_text()
     for name in NAMES:
@@ -104,7 +106,7 @@ def test_script_runs_as_a_subprocess(name, tmp_path):
     if name == "torch_bbb_digits":
         pytest.importorskip("torch")
     before = sorted(p.name for p in EXAMPLES.iterdir())
-    env = dict(os.environ, MPLBACKEND="Agg")
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONDONTWRITEBYTECODE="1")  # no examples/__pycache__ either
     env.pop("VIGRAD_EXAMPLES_FAST", None)
     proc = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--fast", "--outdir", str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=120)
@@ -120,7 +122,9 @@ def test_script_runs_as_a_subprocess(name, tmp_path):
 
 
 def test_fast_mode_from_the_environment(tmp_path):
-    env = dict(os.environ, VIGRAD_EXAMPLES_FAST="1", MPLBACKEND="Agg")
+    # run_path does not put the script's directory on sys.path as `python examples/NAME.py` does
+    env = dict(os.environ, VIGRAD_EXAMPLES_FAST="1", MPLBACKEND="Agg", PYTHONPATH=str(EXAMPLES),
+               PYTHONDONTWRITEBYTECODE="1")
     proc = subprocess.run([sys.executable, "-c",
                            "import sys, runpy; sys.modules['matplotlib'] = None; "
                            f"sys.argv = ['entropy_kl_basics.py', '--outdir', {str(tmp_path)!r}]; "
