@@ -97,14 +97,14 @@ void def_bbb(py::module_& m) {
         require_shape(rho, {D}, "rho", "(D,) like loc");
         require_shape(out, {D}, "out", "(D,) like loc");
         check_workers(workers);
-        core::NoiseUse u;
-        if (use == "weights") u = core::NoiseUse::kWeights;
-        else if (use == "perturbation") u = core::NoiseUse::kPerturbation;
-        else throw py::value_error("use must be 'weights' or 'perturbation', got '" + use + "'");
+        const bool weights = use == "weights";
+        if (!weights && use != "perturbation")
+          throw py::value_error("use must be 'weights' or 'perturbation', got '" + use + "'");
         const Real *l = loc.data(), *r = rho.data();
         Real* o = out.mutable_data();
         py::gil_scoped_release release;
-        core::bbb_noise(u, key, l, r, D, o, workers);
+        if (weights) core::bbb_noise<core::NoiseUse::kWeights>(key, l, r, D, o, workers);
+        else core::bbb_noise<core::NoiseUse::kPerturbation>(key, l, r, D, o, workers);
       },
       py::arg("use"), py::arg("key"), py::arg("loc").noconvert(), py::arg("rho").noconvert(),
       py::arg("out").noconvert(), py::arg("workers"),
