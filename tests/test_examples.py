@@ -33,27 +33,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from vg_testutil import EXAMPLES, load_example
+
 NAMES = ["seed_bbb_1d", "minibatch_sgd", "entropy_kl_basics", "forward_vs_reverse_kl", "jensen_gap_lognormal",
          "cavi_normal_gamma", "correlated_posterior_meanfield", "score_vs_pathwise", "torch_bbb_digits"]
 NEEDS = {"minibatch_sgd": "sklearn", "torch_bbb_digits": "torch"}  # optional packages an example imports
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 HAS_SKLEARN = importlib.util.find_spec("sklearn") is not None
 START = time.time()
-
-
-def load_example(name):
-    """Import examples/NAME.py as a module, without writing examples/__pycache__."""
-    spec = importlib.util.spec_from_file_location(f"vigrad_example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-    sys.path.insert(0, str(EXAMPLES))  # the scripts import examples/_common.py, as when run from there
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(EXAMPLES))
-        sys.dont_write_bytecode = saved
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ np.random.default_rng(key), the local reparameterisation's zeta from key ^ 0x5DE
 vigrad.bnn).  float64 comparisons hold to rtol 1e-10 (only the summation order differs).
 """
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -23,11 +22,12 @@ import vigrad.torch as vgt  # noqa: E402
 from vigrad import _core  # noqa: E402
 from vigrad.datasets import load_digits, train_test_split  # noqa: E402
 
+from vg_testutil import load_example  # noqa: E402
+
 F64 = torch.float64
 ESTIMATORS = ["reparam", "local", "flipout"]
 MIXTURE = vg.ScaleMixtureNormal(0.5, 1.0, math.exp(-2))
 NORMAL = vg.Normal(0.2, 1.3)
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "torch_bbb_digits.py"
 
 
 # -- plain-torch references ------------------------------------------------------------------------
@@ -534,13 +534,7 @@ def one_torch_thread():
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_short_training_run_on_the_digits_learns(estimator, tmp_path, one_torch_thread):
-    spec = importlib.util.spec_from_file_location("vigrad_example_torch_bbb_digits", EXAMPLE)
-    ex = importlib.util.module_from_spec(spec)
-    saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-    try:
-        spec.loader.exec_module(ex)
-    finally:
-        sys.dont_write_bytecode = saved
+    ex = load_example("torch_bbb_digits")
     X, y = load_digits()
     Xtr, Xte, ytr, yte = train_test_split(X, y, test_fraction=0.25, rng=0)
     model = ex.build_model(estimator, seed=0, hidden=64)

@@ -1,7 +1,13 @@
 """Shared helpers for vigrad's tests (imported by name; a conftest.py would clash with bench/'s)."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 DTYPES = [np.float64, np.float32]
 # core vs reference on the same inputs (STYLE.md): float64 rtol 1e-12, float32 rtol 1e-5
@@ -36,3 +42,17 @@ def seed_log_lik(w):
 torch_or_skip = pytest.mark.skipif(
     __import__("importlib").util.find_spec("torch") is None, reason="torch is not installed"
 )
+
+
+def load_example(name):
+    """Import examples/NAME.py as a module, without writing examples/__pycache__."""
+    spec = importlib.util.spec_from_file_location(f"vigrad_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    sys.path.insert(0, str(EXAMPLES))  # the scripts import examples/_common.py, as when run from there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+        sys.dont_write_bytecode = saved
+    return module

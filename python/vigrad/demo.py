@@ -44,7 +44,7 @@ def run_demo(*, steps=3000, samples=10, lr=0.01, dim=1, seed=0, estimator="pathw
     loc = np.zeros(dim, dtype=dt)
     rho = np.full(dim, -3.0, dtype=dt)
     prior = Normal(0.0, 1.0)
-    print(f"vigrad demo: Bayes by Backprop on the seed's example (prior N(0,1), log P(D|w) = -(w-0.5)^2/2)", file=out)
+    print("vigrad demo: Bayes by Backprop on the seed's example (prior N(0,1), log P(D|w) = -(w-0.5)^2/2)", file=out)
     print(f"  plain gradient descent, lr={lr}, mu0=0, rho0=-3, M={samples} samples/step, {steps} steps, "
           f"{dim} weight(s), {estimator} estimator, {dt.name}", file=out)
     tty = progress and hasattr(out, "isatty") and out.isatty()

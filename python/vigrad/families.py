@@ -8,8 +8,6 @@ optimises; the pathwise gradients of F = E_q[log q] - E_q[log p] run in the core
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import numpy as np
 
 from . import _core
