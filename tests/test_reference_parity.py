@@ -149,3 +149,96 @@ def test_score_grad(S, D, dtype, baseline, value):
 def test_reference_has_every_core_kernel():
     core_names = {n for n in dir(_core) if not n.startswith("_")} - {"build_info", "has_openmp", "max_threads"}
     assert core_names == set(ref.__all__)
+
+
+@pytest.mark.parametrize("use", ["weights", "perturbation"])
+@pytest.mark.parametrize("D", [0, 1, 5, 1024, 2500])
+def test_bbb_noise(D, dtype, use):
+    loc, rho, _, _ = random_problem(1, D, dtype)
+    got, want = np.empty(D, dtype), np.empty(D, dtype)
+    _core.bbb_noise(use, 11, loc, rho, got, 2)
+    ref.bbb_noise(use, 11, loc, rho, want, 1)
+    assert_close(got, want, dtype, scale=10.0)
+
+
+def _bbb_args(D, dtype, data, prior):
+    loc, rho, eps, glik = random_problem(2, D, dtype, seed=D)
+    loc *= dtype(0.1)
+    A, BC = glik[0].copy(), (glik[1].copy() if data != "reparam" else None)
+    pp = normal_params(D, dtype, "array") if prior == "normal" else mixture_params(D, dtype, "scalar")
+    return (data, "mc", 5, loc, rho, A, BC, *pp)
+
+
+@pytest.mark.parametrize("prior,kl", [("normal", "none"), ("normal", "mc"), ("normal", "analytic"),
+                                      ("mixture", "none"), ("mixture", "mc")])
+@pytest.mark.parametrize("data", ["reparam", "times_eps", "direct"])
+@pytest.mark.parametrize("D", [1, 7, 2500])
+def test_bbb_grad(D, dtype, data, prior, kl):
+    args = list(_bbb_args(D, dtype, data, prior))
+    args[1] = kl
+    core_fn, ref_fn = (_core.bbb_grad_normal, ref.bbb_grad_normal) if prior == "normal" else \
+        (_core.bbb_grad_mixture, ref.bbb_grad_mixture)
+    got = core_fn(*args, 0.7, 2)
+    want = ref_fn(*args, 0.7, 1)
+    assert got[3] is True and want[3] is True
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    # mixture: the prior gradient reaches 1/s2^2 |w| ~ 400 |w|; its size sets the floor
+    sc = 10.0 * (1.0 + float(np.abs(want[0]).mean()) + float(np.abs(want[1]).mean()))
+    assert_close(got[0], want[0], dtype, scale=sc)
+    assert_close(got[1], want[1], dtype, scale=sc)
+    assert_close(got[2], want[2], dtype, scale=sc * (D + 1))
+
+
+@pytest.mark.parametrize("impl", ["core", "reference"])
+def test_bbb_grad_out_and_accumulate(impl, dtype):
+    mod = _core if impl == "core" else ref
+    D = 2500
+    args = _bbb_args(D, dtype, "times_eps", "mixture")
+    gl, gr, klv, fin = mod.bbb_grad_mixture(*args, 0.5, 2)
+    ol, orr = np.full(D, 3.0, dtype), np.full(D, -1.0, dtype)
+    res = mod.bbb_grad_mixture(*args, 0.5, 2, out_loc=ol, out_rho=orr)
+    assert res[0] is ol and res[1] is orr and res[2] == klv and res[3] == fin
+    np.testing.assert_array_equal(ol, gl)
+    np.testing.assert_array_equal(orr, gr)
+    mod.bbb_grad_mixture(*args, 0.5, 2, out_loc=ol, out_rho=orr, accumulate=True)
+    np.testing.assert_array_equal(ol, gl + gl)
+    np.testing.assert_array_equal(orr, gr + gr)
+    with pytest.raises(ValueError, match="together"):
+        mod.bbb_grad_mixture(*args, 0.5, 2, out_loc=ol)
+    with pytest.raises(ValueError, match="accumulate"):
+        mod.bbb_grad_mixture(*args, 0.5, 2, accumulate=True)
+    with pytest.raises(ValueError, match="out_loc"):
+        mod.bbb_grad_mixture(*args, 0.5, 2, out_loc=ol[:-1], out_rho=orr)
+    with pytest.raises(ValueError, match="analytic"):
+        mod.bbb_grad_mixture(args[0], "analytic", *args[2:], 0.5, 2)
+
+
+def test_bbb_grad_out_checks(dtype):
+    D = 100
+    args = _bbb_args(D, dtype, "times_eps", "normal")
+    loc, A = args[3], args[5]
+    ol, orr = np.empty(D, dtype), np.empty(D, dtype)
+    with pytest.raises(ValueError, match="overlap A"):
+        _core.bbb_grad_normal(*args, 0.5, 1, out_loc=A, out_rho=orr)
+    with pytest.raises(ValueError, match="overlap loc"):
+        _core.bbb_grad_normal(*args, 0.5, 1, out_loc=ol, out_rho=loc)
+    with pytest.raises(ValueError, match="must not overlap"):
+        _core.bbb_grad_normal(*args, 0.5, 1, out_loc=ol, out_rho=ol)
+    ro = np.empty(D, dtype)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        _core.bbb_grad_normal(*args, 0.5, 1, out_loc=ol, out_rho=ro)
+    with pytest.raises(TypeError):  # another dtype: no silent copy
+        _core.bbb_grad_normal(*args, 0.5, 1, out_loc=np.zeros(D, np.float16), out_rho=orr)
+
+
+@pytest.mark.parametrize("n", [1, 1000, 5000])
+def test_adam_update(n, dtype):
+    rng = np.random.default_rng(n)
+    p, g = rng.normal(size=n).astype(dtype), rng.normal(size=n).astype(dtype)
+    m, v = (rng.normal(size=n) * 0.1).astype(dtype), (rng.random(n) * 0.1).astype(dtype)
+    state = [[a.copy() for a in (p, m, v)] for _ in range(2)]
+    _core.adam_update(state[0][0], g, state[0][1], state[0][2], 4, 1e-2, 0.9, 0.999, 1e-8, 2)
+    ref.adam_update(state[1][0], g, state[1][1], state[1][2], 4, 1e-2, 0.9, 0.999, 1e-8, 1)
+    for a, b in zip(state[0], state[1]):
+        assert_close(a, b, dtype)

@@ -25,27 +25,41 @@ core::KLPart parse_kl(const std::string& s) {
 
 template <core::DataGrad DG, class Real, class Prior>
 double dispatch_kl(core::KLPart kp, std::uint64_t key, const Real* l, const Real* r, const Real* A, const Real* BC,
-                   std::int64_t D, const Prior& prior, double kw, Real* gl, Real* gr, double* work, bool* finite,
+                   std::int64_t D, const Prior& prior, double kw, Real* gl, Real* gr, bool acc, double* work, bool* finite,
                    int workers) {
   switch (kp) {
     case core::KLPart::kNone:
-      return core::bbb_grad<DG, core::KLPart::kNone>(key, l, r, A, BC, D, prior, kw, gl, gr, work, finite, workers);
+      return core::bbb_grad<DG, core::KLPart::kNone>(key, l, r, A, BC, D, prior, kw, gl, gr, acc, work, finite, workers);
     case core::KLPart::kMC:
-      return core::bbb_grad<DG, core::KLPart::kMC>(key, l, r, A, BC, D, prior, kw, gl, gr, work, finite, workers);
+      return core::bbb_grad<DG, core::KLPart::kMC>(key, l, r, A, BC, D, prior, kw, gl, gr, acc, work, finite, workers);
     case core::KLPart::kAnalytic:
       if constexpr (std::is_same_v<Prior, core::NormalPrior<Real, false>> ||
                     std::is_same_v<Prior, core::NormalPrior<Real, true>>)
-        return core::bbb_grad<DG, core::KLPart::kAnalytic>(key, l, r, A, BC, D, prior, kw, gl, gr, work, finite,
-                                                           workers);
+        return core::bbb_grad<DG, core::KLPart::kAnalytic>(key, l, r, A, BC, D, prior, kw, gl, gr, acc, work,
+                                                           finite, workers);
       break;
   }
   throw std::logic_error("analytic KL needs a Normal prior");
 }
 
+// The output arrays: given (both or neither; (D,), writeable, not overlapping an input or each
+// other) or allocated here.
+template <class Real>
+struct GradOut {
+  std::optional<carray<Real>> loc, rho;
+  bool accumulate;
+};
+
+inline bool overlaps(const py::array& a, const py::array& b) {
+  const char* a0 = static_cast<const char*>(a.data());
+  const char* b0 = static_cast<const char*>(b.data());
+  return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
 template <class Real, class Prior>
 py::tuple run_grad(const std::string& data, const std::string& kl, std::uint64_t key, const carray<Real>& loc,
                    const carray<Real>& rho, const carray<Real>& A, const std::optional<carray<Real>>& BC,
-                   const Prior& prior, double kw, int workers) {
+                   const Prior& prior, double kw, int workers, const GradOut<Real>& out) {
   const std::int64_t D = loc.shape(0);
   const core::DataGrad dg = parse_data(data);
   const core::KLPart kp = parse_kl(kl);
@@ -53,26 +67,46 @@ py::tuple run_grad(const std::string& data, const std::string& kl, std::uint64_t
     if (!BC) throw py::value_error("data='" + data + "' needs the second gradient array");
     require_shape(*BC, {D}, "B_or_C", "(D,) like loc");
   }
-  carray<Real> gl(D), gr(D);
+  if (out.loc.has_value() != out.rho.has_value())
+    throw py::value_error("out_loc and out_rho must be given together");
+  if (out.accumulate && !out.loc) throw py::value_error("accumulate=True needs out_loc and out_rho");
+  carray<Real> gl, gr;
+  if (out.loc) {
+    gl = *out.loc;
+    gr = *out.rho;
+    require_shape(gl, {D}, "out_loc", "(D,) like loc");
+    require_shape(gr, {D}, "out_rho", "(D,) like loc");
+    if (!gl.writeable() || !gr.writeable()) throw py::value_error("out_loc and out_rho must be writeable");
+    if (overlaps(gl, gr)) throw py::value_error("out_loc and out_rho must not overlap");
+    const std::pair<const char*, const py::array*> ins[] = {
+        {"loc", &loc}, {"rho", &rho}, {"A", &A}, {"B_or_C", BC ? &*BC : nullptr}};
+    for (const auto& [name, in] : ins)
+      if (in && (overlaps(gl, *in) || overlaps(gr, *in)))
+        throw py::value_error(std::string("out_loc and out_rho must not overlap ") + name);
+  } else {
+    gl = carray<Real>(D);
+    gr = carray<Real>(D);
+  }
   std::vector<double> work(static_cast<std::size_t>(core::num_blocks(D)));
   const Real *l = loc.data(), *r = rho.data(), *a = A.data(), *bc = BC ? BC->data() : nullptr;
   Real *glp = gl.mutable_data(), *grp = gr.mutable_data();
+  const bool acc = out.accumulate;
   bool finite = true;
   double klv = 0.0;
   {
     py::gil_scoped_release release;
     switch (dg) {
       case core::DataGrad::kReparam:
-        klv = dispatch_kl<core::DataGrad::kReparam>(kp, key, l, r, a, bc, D, prior, kw, glp, grp, work.data(), &finite,
-                                                    workers);
+        klv = dispatch_kl<core::DataGrad::kReparam>(kp, key, l, r, a, bc, D, prior, kw, glp, grp, acc, work.data(),
+                                                    &finite, workers);
         break;
       case core::DataGrad::kTimesEps:
-        klv = dispatch_kl<core::DataGrad::kTimesEps>(kp, key, l, r, a, bc, D, prior, kw, glp, grp, work.data(),
+        klv = dispatch_kl<core::DataGrad::kTimesEps>(kp, key, l, r, a, bc, D, prior, kw, glp, grp, acc, work.data(),
                                                      &finite, workers);
         break;
       case core::DataGrad::kDirect:
-        klv = dispatch_kl<core::DataGrad::kDirect>(kp, key, l, r, a, bc, D, prior, kw, glp, grp, work.data(), &finite,
-                                                   workers);
+        klv = dispatch_kl<core::DataGrad::kDirect>(kp, key, l, r, a, bc, D, prior, kw, glp, grp, acc, work.data(),
+                                                   &finite, workers);
         break;
     }
   }
@@ -112,25 +146,31 @@ void def_bbb(py::module_& m) {
   m.def(
       "bbb_grad_normal",
       [](const std::string& data, const std::string& kl, std::uint64_t key, carray<Real> loc, carray<Real> rho,
-         carray<Real> A, std::optional<carray<Real>> BC, carray<Real> pm, carray<Real> ps, double kw, int workers) {
+         carray<Real> A, std::optional<carray<Real>> BC, carray<Real> pm, carray<Real> ps, double kw, int workers,
+         std::optional<carray<Real>> out_loc, std::optional<carray<Real>> out_rho, bool accumulate) {
         check_lr(loc, rho, A);
         check_workers(workers);
         const std::int64_t D = loc.shape(0);
         const bool am = param_is_array(pm, D, "prior loc");
         if (am != param_is_array(ps, D, "prior scale"))
           throw py::value_error("prior loc and prior scale must both have size 1 or both size D");
-        if (am) return run_grad(data, kl, key, loc, rho, A, BC, core::NormalPrior<Real, true>(pm.data(), ps.data()), kw, workers);
-        return run_grad(data, kl, key, loc, rho, A, BC, core::NormalPrior<Real, false>(pm.data(), ps.data()), kw, workers);
+        if (am) return run_grad(data, kl, key, loc, rho, A, BC, core::NormalPrior<Real, true>(pm.data(), ps.data()), kw, workers,
+                        GradOut<Real>{out_loc, out_rho, accumulate});
+        return run_grad(data, kl, key, loc, rho, A, BC, core::NormalPrior<Real, false>(pm.data(), ps.data()), kw, workers,
+                        GradOut<Real>{out_loc, out_rho, accumulate});
       },
       py::arg("data"), py::arg("kl"), py::arg("key"), py::arg("loc").noconvert(), py::arg("rho").noconvert(),
       py::arg("A").noconvert(), py::arg("B_or_C").noconvert(), py::arg("prior_loc").noconvert(),
-      py::arg("prior_scale").noconvert(), py::arg("kl_weight"), py::arg("workers"),
-      "Fused backward pass of a Bayes-by-Backprop layer, Normal prior: (grad_loc, grad_rho, kl, finite).");
+      py::arg("prior_scale").noconvert(), py::arg("kl_weight"), py::arg("workers"), py::kw_only(),
+      py::arg("out_loc").noconvert() = py::none(), py::arg("out_rho").noconvert() = py::none(),
+      py::arg("accumulate") = false,
+      "Fused backward pass of a Bayes-by-Backprop layer, Normal prior: (grad_loc, grad_rho, kl, finite).\n"
+      "With out_loc / out_rho the gradients go there (added to them with accumulate=True).");
   m.def(
       "bbb_grad_mixture",
       [](const std::string& data, const std::string& kl, std::uint64_t key, carray<Real> loc, carray<Real> rho,
          carray<Real> A, std::optional<carray<Real>> BC, carray<Real> pi, carray<Real> s1, carray<Real> s2, double kw,
-         int workers) {
+         int workers, std::optional<carray<Real>> out_loc, std::optional<carray<Real>> out_rho, bool accumulate) {
         check_lr(loc, rho, A);
         check_workers(workers);
         if (kl == "analytic") throw py::value_error("kl='analytic' needs a Normal prior; use 'mc'");
@@ -138,13 +178,18 @@ void def_bbb(py::module_& m) {
         const bool a = param_is_array(pi, D, "pi");
         if (param_is_array(s1, D, "sigma1") != a || param_is_array(s2, D, "sigma2") != a)
           throw py::value_error("pi, sigma1 and sigma2 must all have size 1 or all size D");
-        if (a) return run_grad(data, kl, key, loc, rho, A, BC, core::MixturePrior<Real, true>(pi.data(), s1.data(), s2.data()), kw, workers);
-        return run_grad(data, kl, key, loc, rho, A, BC, core::MixturePrior<Real, false>(pi.data(), s1.data(), s2.data()), kw, workers);
+        if (a) return run_grad(data, kl, key, loc, rho, A, BC, core::MixturePrior<Real, true>(pi.data(), s1.data(), s2.data()), kw, workers,
+                        GradOut<Real>{out_loc, out_rho, accumulate});
+        return run_grad(data, kl, key, loc, rho, A, BC, core::MixturePrior<Real, false>(pi.data(), s1.data(), s2.data()), kw, workers,
+                        GradOut<Real>{out_loc, out_rho, accumulate});
       },
       py::arg("data"), py::arg("kl"), py::arg("key"), py::arg("loc").noconvert(), py::arg("rho").noconvert(),
       py::arg("A").noconvert(), py::arg("B_or_C").noconvert(), py::arg("pi").noconvert(), py::arg("sigma1").noconvert(),
-      py::arg("sigma2").noconvert(), py::arg("kl_weight"), py::arg("workers"),
-      "Fused backward pass of a Bayes-by-Backprop layer, scale-mixture prior: (grad_loc, grad_rho, kl, finite).");
+      py::arg("sigma2").noconvert(), py::arg("kl_weight"), py::arg("workers"), py::kw_only(),
+      py::arg("out_loc").noconvert() = py::none(), py::arg("out_rho").noconvert() = py::none(),
+      py::arg("accumulate") = false,
+      "Fused backward pass of a Bayes-by-Backprop layer, scale-mixture prior: (grad_loc, grad_rho, kl, finite).\n"
+      "With out_loc / out_rho the gradients go there (added to them with accumulate=True).");
   m.def(
       "adam_update",
       [](carray<Real> p, carray<Real> g, carray<Real> mm, carray<Real> v, std::int64_t step, double lr, double b1,

@@ -148,6 +148,7 @@ class BayesianLinear:
         self.key = int(gen.integers(0, 2**64, dtype=np.uint64))
         self._sign_rng = np.random.default_rng(gen.integers(0, 2**63))
         self._cache = None
+        self._buffers = {}
         self._kernel, self._prior_params = _prior_kernel(self.prior, self.dtype, n)
 
     @property
@@ -175,6 +176,14 @@ class BayesianLinear:
                 f"prior={self.prior!r}, dtype={self.dtype})")
 
     # -- forward / backward -------------------------------------------------------------------
+    def _buffer(self, name, shape):
+        """A persistent work array: a fresh megabyte-sized temporary per call is page-faulted in
+        every time (measured: ~0.1 ms per MB), and a training step needs several."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape:
+            buf = self._buffers[name] = np.empty(shape, self.dtype)
+        return buf
+
     def forward(self, x, *, key=None, sample=True):
         """Outputs (B, out) for inputs (B, in).  ``key`` fixes the noise (an int); None draws one.
         With sample=False the mean weights are used (no noise, nothing cached for backward)."""
@@ -188,13 +197,15 @@ class BayesianLinear:
         key = int(self._sign_rng.integers(0, 2**63)) if key is None else int(key)
         n = self.num_params
         if self.estimator == "reparam":
-            w = np.empty(n, self.dtype)
+            w = self._buffer("w", (n,))
             _core.bbb_noise("weights", key, self.loc, self.rho, w, self.workers)
             W, b = self._split(w)
             self._cache = (key, x, W)
-            return x @ W.T + b
+            out = x @ W.T
+            out += b
+            return out
         if self.estimator == "flipout":
-            dw = np.empty(n, self.dtype)
+            dw = self._buffer("w", (n,))
             _core.bbb_noise("perturbation", key, self.loc, self.rho, dw, self.workers)
             dW, db = self._split(dw)
             signs = np.random.default_rng(key).integers(0, 2, size=(x.shape[0], self.in_features + self.out_features),
@@ -217,6 +228,15 @@ class BayesianLinear:
         self._cache = (key, x, x2, V, std, zeta, M)
         return x @ M.T + mb + std * zeta
 
+    def _param_grad(self, G, x, name):
+        """[G^T x (flattened), column sums of G]: the gradient of sum(G * (x W^T + b)) in (W, b),
+        written into a persistent buffer."""
+        k = self.in_features * self.out_features
+        out = self._buffer(name, (self.num_params,))
+        np.matmul(G.T, x, out=out[:k].reshape(self.out_features, self.in_features))
+        np.sum(G, axis=0, out=out[k:])
+        return out
+
     def backward(self, grad_out, *, kl_weight=1.0, kl="mc") -> LayerGrads:
         """Gradient of F = NLL + kl_weight KL[q || prior] given dNLL/d(outputs) (B, out).
 
@@ -224,37 +244,47 @@ class BayesianLinear:
         (``kl="mc"``: log q - log p at the sampled weights, any prior; ``"analytic"``: closed form,
         Normal prior; ``"none"``: the data term only), and the KL value.
         """
+        return self._backward(grad_out, kl_weight, kl)
+
+    def _backward(self, grad_out, kl_weight, kl, out=None, accumulate=False, need_grad_x=True) -> LayerGrads:
+        """backward, with the parameter gradients written to (or, with accumulate, added to) the
+        arrays ``out = (grad_loc, grad_rho)``, and grad_x skipped (None) when not needed."""
         if self._cache is None:
             raise ValueError("backward needs a forward(x, sample=True) first")
         G = np.ascontiguousarray(grad_out, dtype=self.dtype)
         key, x = self._cache[0], self._cache[1]
         if G.shape != (x.shape[0], self.out_features):
             raise ValueError(f"grad_out must have shape {(x.shape[0], self.out_features)}, got {G.shape}")
-        A = np.concatenate([(G.T @ x).ravel(), G.sum(axis=0)])
+        A = self._param_grad(G, x, "A")
+        grad_x = None
         if self.estimator == "reparam":
             W = self._cache[2]
-            grad_x = G @ W
-            out = self._kernel("reparam", kl, key, self.loc, self.rho, A, None, *self._prior_params, kl_weight,
-                               self.workers)
+            if need_grad_x:
+                grad_x = G @ W
+            data, BC = "reparam", None
         elif self.estimator == "flipout":
             _, _, xs, S, R, dW, M = self._cache
             GR = G * R
-            B = np.concatenate([(GR.T @ xs).ravel(), GR.sum(axis=0)])
-            grad_x = G @ M + (GR @ dW) * S
-            out = self._kernel("times_eps", kl, key, self.loc, self.rho, A, B, *self._prior_params, kl_weight,
-                               self.workers)
+            BC = self._param_grad(GR, xs, "B")
+            if need_grad_x:
+                grad_x = G @ M + (GR @ dW) * S
+            data = "times_eps"
         else:
             _, _, x2, V, std, zeta, M = self._cache
             H = G * zeta / (2.0 * std)
-            dvar = np.concatenate([(H.T @ x2).ravel(), H.sum(axis=0)])
-            sigma = _core.softplus(self.rho, self.workers)
-            C = (2.0 * sigma * dvar).astype(self.dtype)
-            grad_x = G @ M + 2.0 * x * (H @ V)
-            out = self._kernel("direct", kl, key, self.loc, self.rho, A, C, *self._prior_params, kl_weight,
-                               self.workers)
-        gl, gr, klv, finite = out
+            BC = self._param_grad(H, x2, "B")
+            BC *= _core.softplus(self.rho, self.workers)
+            BC *= self.dtype.type(2)
+            if need_grad_x:
+                grad_x = G @ M + 2.0 * x * (H @ V)
+            data = "direct"
+        kw = {} if out is None else {"out_loc": out[0], "out_rho": out[1], "accumulate": accumulate}
+        gl, gr, klv, finite = self._kernel(data, kl, key, self.loc, self.rho, A, BC, *self._prior_params, kl_weight,
+                                           self.workers, **kw)
         self._last_finite = finite
-        return LayerGrads(grad_x.astype(self.dtype, copy=False), gl, gr, float(klv))
+        if grad_x is not None:
+            grad_x = grad_x.astype(self.dtype, copy=False)
+        return LayerGrads(grad_x, gl, gr, float(klv))
 
 
 def _blundell_weights(M):
@@ -339,9 +369,11 @@ class BayesianMLP:
         self._theta = np.zeros(2 * self._n_weights + (1 if learn_noise else 0), self.dtype)
         self._grad = np.zeros_like(self._theta)
         self.layers: List[BayesianLinear] = []
+        self._grad_views = []  # each layer's (grad_loc, grad_rho) slices of self._grad
         off = 0
         for i, n in enumerate(counts):
             views = (self._theta[off:off + n], self._theta[self._n_weights + off:self._n_weights + off + n])
+            self._grad_views.append((self._grad[off:off + n], self._grad[self._n_weights + off:self._n_weights + off + n]))
             self.layers.append(BayesianLinear(sizes[i], sizes[i + 1], prior=prior, estimator=estimator,
                                               dtype=self.dtype, init_rho=init_rho, rng=gen, params=views,
                                               workers=self.workers))
@@ -395,10 +427,12 @@ class BayesianMLP:
         return nll, (r / sigma).astype(self.dtype, copy=False), g_log_sigma
 
     def _step_grad(self, xb, yb, kl_weight, step):
-        """Average over num_samples of the gradient of kl_weight KL + sum NLL; fills self._grad."""
-        self._grad[...] = 0
+        """Average over num_samples of the gradient of kl_weight KL + sum NLL; fills self._grad.
+        The layers write their gradients straight into self._grad's slices."""
         nll_tot = kl_tot = 0.0
         L = len(self.layers)
+        if self._learn_noise:
+            self._grad[-1] = 0
         for s in range(self.num_samples):
             keys = _derive_keys(self._base_key, step, s, L)
             f, acts = self._forward(xb, keys)
@@ -406,16 +440,14 @@ class BayesianMLP:
             if not np.isfinite(nll):
                 raise TrainingError(f"non-finite loss at step {step}: {self._first_bad_layer(xb, keys)}")
             for i in range(L - 1, -1, -1):
-                res = self.layers[i].backward(g, kl_weight=kl_weight, kl=self.kl)
+                res = self.layers[i]._backward(g, kl_weight, self.kl, out=self._grad_views[i], accumulate=s > 0,
+                                               need_grad_x=i > 0)
                 if not self.layers[i]._last_finite:
                     raise TrainingError(f"non-finite gradient in layer {i} at step {step}")
-                n = self.layers[i].num_params
-                off = sum(layer.num_params for layer in self.layers[:i])
-                self._grad[off:off + n] += res.grad_loc
-                self._grad[self._n_weights + off:self._n_weights + off + n] += res.grad_rho
                 kl_tot += res.kl
                 if i > 0:
-                    g = res.grad_x * acts[i - 1]
+                    g = res.grad_x
+                    g *= acts[i - 1]
             if self._learn_noise:
                 self._grad[-1] += g_ls
             nll_tot += nll

@@ -61,11 +61,12 @@ enum class KLPart { kNone, kMC, kAnalytic };
 //   MC:       dKL/dloc = -gp(w),  dKL/dsigma = -gp(w) eps - 1/sigma,  w = loc + sigma eps
 //   analytic: dKL/dloc = (loc - m)/s^2,  dKL/dsigma = sigma/s^2 - 1/sigma   (Normal prior)
 // Returns the KL value (MC: sum of log q(w) - log p(w); analytic: closed form).
+// With `accumulate` the gradients are added to grad_loc / grad_rho instead of written there.
 // `work`: num_blocks(D) doubles.
 template <DataGrad DG, KLPart KP, class Real, class Prior>
 double bbb_grad(std::uint64_t key, const Real* loc, const Real* rho, const Real* A, const Real* BC, std::int64_t D,
-                const Prior& prior, double kl_weight, Real* grad_loc, Real* grad_rho, double* work, bool* finite,
-                int workers) {
+                const Prior& prior, double kl_weight, Real* grad_loc, Real* grad_rho, bool accumulate, double* work,
+                bool* finite, int workers) {
   const PhiloxKey k = make_key(key);
   const Real kw = static_cast<Real>(kl_weight);
   std::atomic<bool> bad{false};
@@ -112,8 +113,13 @@ double bbb_grad(std::uint64_t key, const Real* loc, const Real* rho, const Real*
       out_r[i] = gs * sg;
       kl_terms[i] = klv;
     }
-    std::copy(out_l, out_l + m, grad_loc + j0);
-    std::copy(out_r, out_r + m, grad_rho + j0);
+    if (accumulate) {
+      for (std::int64_t i = 0; i < m; ++i) grad_loc[j0 + i] += out_l[i];
+      for (std::int64_t i = 0; i < m; ++i) grad_rho[j0 + i] += out_r[i];
+    } else {
+      std::copy(out_l, out_l + m, grad_loc + j0);
+      std::copy(out_r, out_r + m, grad_rho + j0);
+    }
     work[b] = lane_sum(kl_terms, m);
     if (!(all_finite(out_l, m) && all_finite(out_r, m))) bad.store(true, std::memory_order_relaxed);
   });

@@ -405,24 +405,52 @@ def _bbb_grad(data, kl, key, loc, rho, A, B_or_C, prior_lp_grad, kl_weight, anal
     elif kl != "none":
         raise ValueError(f"kl must be 'none', 'mc' or 'analytic', got {kl!r}")
     gl, gr = g_loc.astype(loc.dtype), (g_sigma * sg).astype(loc.dtype)
-    return gl, gr, klv, bool(np.isfinite(gl).all() and np.isfinite(gr).all() and np.isfinite(klv))
+    finite = bool(np.isfinite(gl).all() and np.isfinite(gr).all() and np.isfinite(klv))
+    return gl, gr, klv, finite
 
 
-def bbb_grad_normal(data, kl, key, loc, rho, A, B_or_C, prior_loc, prior_scale, kl_weight, workers):
-    """Fused backward pass of a Bayes-by-Backprop layer with a Normal prior: (grad_loc, grad_rho, kl, finite)."""
+def _write_out(result, out_loc, out_rho, accumulate):
+    """The core's out_loc / out_rho / accumulate convention."""
+    if (out_loc is None) != (out_rho is None):
+        raise ValueError("out_loc and out_rho must be given together")
+    if out_loc is None:
+        if accumulate:
+            raise ValueError("accumulate=True needs out_loc and out_rho")
+        return result
+    gl, gr, klv, finite = result
+    for name, o in (("out_loc", out_loc), ("out_rho", out_rho)):
+        if o.shape != gl.shape:
+            raise ValueError(f"{name} must have shape (D,) like loc, got {o.shape}")
+    if accumulate:
+        out_loc += gl
+        out_rho += gr
+    else:
+        out_loc[...] = gl
+        out_rho[...] = gr
+    return out_loc, out_rho, klv, finite
+
+
+def bbb_grad_normal(data, kl, key, loc, rho, A, B_or_C, prior_loc, prior_scale, kl_weight, workers, *,
+                    out_loc=None, out_rho=None, accumulate=False):
+    """Fused backward pass of a Bayes-by-Backprop layer with a Normal prior: (grad_loc, grad_rho, kl, finite).
+    With out_loc / out_rho the gradients go there (added to them with accumulate=True)."""
     m, s = _f64(prior_loc), _f64(prior_scale)
     with np.errstate(all="ignore"):
-        return _bbb_grad(data, kl, key, loc, rho, A, B_or_C, lambda w: (_normal_lp(w, m, s), -(w - m) / s**2),
-                         kl_weight, (m, s))
+        res = _bbb_grad(data, kl, key, loc, rho, A, B_or_C, lambda w: (_normal_lp(w, m, s), -(w - m) / s**2),
+                        kl_weight, (m, s))
+    return _write_out(res, out_loc, out_rho, accumulate)
 
 
-def bbb_grad_mixture(data, kl, key, loc, rho, A, B_or_C, pi, sigma1, sigma2, kl_weight, workers):
-    """Fused backward pass of a Bayes-by-Backprop layer with the scale-mixture prior."""
+def bbb_grad_mixture(data, kl, key, loc, rho, A, B_or_C, pi, sigma1, sigma2, kl_weight, workers, *,
+                     out_loc=None, out_rho=None, accumulate=False):
+    """Fused backward pass of a Bayes-by-Backprop layer with the scale-mixture prior.
+    With out_loc / out_rho the gradients go there (added to them with accumulate=True)."""
     if kl == "analytic":
         raise ValueError("kl='analytic' needs a Normal prior; use 'mc'")
     p, s1, s2 = _f64(pi), _f64(sigma1), _f64(sigma2)
     with np.errstate(all="ignore"):
-        return _bbb_grad(data, kl, key, loc, rho, A, B_or_C, lambda w: _mixture_parts(w, p, s1, s2), kl_weight)
+        res = _bbb_grad(data, kl, key, loc, rho, A, B_or_C, lambda w: _mixture_parts(w, p, s1, s2), kl_weight)
+    return _write_out(res, out_loc, out_rho, accumulate)
 
 
 def adam_update(params, grads, m, v, step, lr, b1, b2, eps, workers):
