@@ -203,6 +203,11 @@ def test_bbb_grad_out_and_accumulate(impl, dtype):
     mod.bbb_grad_mixture(*args, 0.5, 2, out_loc=ol, out_rho=orr, accumulate=True)
     np.testing.assert_array_equal(ol, gl + gl)
     np.testing.assert_array_equal(orr, gr + gr)
+    # compute_kl=False: the same gradients, the KL value not formed
+    gl2, gr2, kl2, fin2 = mod.bbb_grad_mixture(*args, 0.5, 2, compute_kl=False)
+    np.testing.assert_array_equal(gl2, gl)
+    np.testing.assert_array_equal(gr2, gr)
+    assert kl2 == 0.0 and fin2 == fin
     with pytest.raises(ValueError, match="together"):
         mod.bbb_grad_mixture(*args, 0.5, 2, out_loc=ol)
     with pytest.raises(ValueError, match="accumulate"):
@@ -242,3 +247,43 @@ def test_adam_update(n, dtype):
     ref.adam_update(state[1][0], g, state[1][1], state[1][2], 4, 1e-2, 0.9, 0.999, 1e-8, 1)
     for a, b in zip(state[0], state[1]):
         assert_close(a, b, dtype)
+
+
+@pytest.mark.parametrize("use", ["weights", "perturbation", "none"])
+@pytest.mark.parametrize("prior,kl", [("normal", "none"), ("normal", "mc"), ("normal", "analytic"), ("mixture", "mc")])
+@pytest.mark.parametrize("D", [1, 2500])
+def test_bbb_noise_kl(D, dtype, prior, kl, use):
+    data, _, key, loc, rho, A, BC, *pp = _bbb_args(D, dtype, "reparam", prior)
+    names = ("bbb_noise_kl_normal", "bbb_grad_normal") if prior == "normal" else \
+        ("bbb_noise_kl_mixture", "bbb_grad_mixture")
+    got, want = (np.empty(D, dtype) if use != "none" else None for _ in range(2))
+    klc = getattr(_core, names[0])(use, kl, key, loc, rho, got, *pp, 2)
+    klr = getattr(ref, names[0])(use, kl, key, loc, rho, want, *pp, 1)
+    assert_close(klc, klr, dtype, scale=100.0 * (D + 1))
+    # the KL bbb_grad computes from the same key: bit for bit where both form w = loc + sigma eps
+    # alike ('perturbation' also needs sigma eps alone, so gcc may not fuse that multiply-add)
+    klg = getattr(_core, names[1])(data, kl, key, loc, rho, A, BC, *pp, 1.0, 2)[2]
+    if use == "perturbation":
+        assert_close(klc, klg, dtype, scale=100.0 * (D + 1))
+    else:
+        assert klc == klg
+    if use != "none":
+        assert_close(got, want, dtype, scale=10.0)
+        plain = np.empty(D, dtype)
+        _core.bbb_noise(use, key, loc, rho, plain, 1)
+        np.testing.assert_array_equal(got, plain)
+
+
+def test_bbb_noise_kl_errors():
+    D = 10
+    loc, rho = np.zeros(D), np.zeros(D)
+    pp = (np.array([0.5]), np.array([1.0]), np.array([0.1]))
+    for mod in (_core, ref):
+        with pytest.raises(ValueError, match="needs the out array"):
+            mod.bbb_noise_kl_mixture("weights", "mc", 1, loc, rho, None, *pp, 1)
+        with pytest.raises(ValueError, match="analytic"):
+            mod.bbb_noise_kl_mixture("none", "analytic", 1, loc, rho, None, *pp, 1)
+        with pytest.raises(ValueError, match="use must be"):
+            mod.bbb_noise_kl_mixture("both", "mc", 1, loc, rho, None, *pp, 1)
+    with pytest.raises(ValueError, match="overlap"):
+        _core.bbb_noise_kl_mixture("weights", "mc", 1, loc, rho, loc, *pp, 1)

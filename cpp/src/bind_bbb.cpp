@@ -25,12 +25,16 @@ core::KLPart parse_kl(const std::string& s) {
 
 template <core::DataGrad DG, class Real, class Prior>
 double dispatch_kl(core::KLPart kp, std::uint64_t key, const Real* l, const Real* r, const Real* A, const Real* BC,
-                   std::int64_t D, const Prior& prior, double kw, Real* gl, Real* gr, bool acc, double* work, bool* finite,
-                   int workers) {
+                   std::int64_t D, const Prior& prior, double kw, Real* gl, Real* gr, bool acc, bool want_kl,
+                   double* work, bool* finite, int workers) {
   switch (kp) {
     case core::KLPart::kNone:
-      return core::bbb_grad<DG, core::KLPart::kNone>(key, l, r, A, BC, D, prior, kw, gl, gr, acc, work, finite, workers);
+      return core::bbb_grad<DG, core::KLPart::kNone>(key, l, r, A, BC, D, prior, kw, gl, gr, acc, work, finite,
+                                                     workers);
     case core::KLPart::kMC:
+      if (!want_kl)
+        return core::bbb_grad<DG, core::KLPart::kMC, Real, Prior, false>(key, l, r, A, BC, D, prior, kw, gl, gr, acc,
+                                                                          work, finite, workers);
       return core::bbb_grad<DG, core::KLPart::kMC>(key, l, r, A, BC, D, prior, kw, gl, gr, acc, work, finite, workers);
     case core::KLPart::kAnalytic:
       if constexpr (std::is_same_v<Prior, core::NormalPrior<Real, false>> ||
@@ -48,6 +52,7 @@ template <class Real>
 struct GradOut {
   std::optional<carray<Real>> loc, rho;
   bool accumulate;
+  bool want_kl;
 };
 
 inline bool overlaps(const py::array& a, const py::array& b) {
@@ -90,27 +95,79 @@ py::tuple run_grad(const std::string& data, const std::string& kl, std::uint64_t
   std::vector<double> work(static_cast<std::size_t>(core::num_blocks(D)));
   const Real *l = loc.data(), *r = rho.data(), *a = A.data(), *bc = BC ? BC->data() : nullptr;
   Real *glp = gl.mutable_data(), *grp = gr.mutable_data();
-  const bool acc = out.accumulate;
   bool finite = true;
   double klv = 0.0;
   {
     py::gil_scoped_release release;
+    auto go = [&](auto dg_c) {
+      return dispatch_kl<decltype(dg_c)::value>(kp, key, l, r, a, bc, D, prior, kw, glp, grp, out.accumulate,
+                                                out.want_kl, work.data(), &finite, workers);
+    };
     switch (dg) {
       case core::DataGrad::kReparam:
-        klv = dispatch_kl<core::DataGrad::kReparam>(kp, key, l, r, a, bc, D, prior, kw, glp, grp, acc, work.data(),
-                                                    &finite, workers);
+        klv = go(std::integral_constant<core::DataGrad, core::DataGrad::kReparam>{});
         break;
       case core::DataGrad::kTimesEps:
-        klv = dispatch_kl<core::DataGrad::kTimesEps>(kp, key, l, r, a, bc, D, prior, kw, glp, grp, acc, work.data(),
-                                                     &finite, workers);
+        klv = go(std::integral_constant<core::DataGrad, core::DataGrad::kTimesEps>{});
         break;
       case core::DataGrad::kDirect:
-        klv = dispatch_kl<core::DataGrad::kDirect>(kp, key, l, r, a, bc, D, prior, kw, glp, grp, acc, work.data(),
-                                                   &finite, workers);
+        klv = go(std::integral_constant<core::DataGrad, core::DataGrad::kDirect>{});
         break;
     }
   }
   return py::make_tuple(gl, gr, klv, finite);
+}
+
+// bbb_noise_kl: the run-time use / kl strings to template arguments.
+template <class Real, class Prior>
+double run_noise_kl(const std::string& use, const std::string& kl, std::uint64_t key, const carray<Real>& loc,
+                    const carray<Real>& rho, std::optional<carray<Real>>& out, const Prior& prior, int workers) {
+  require_ndim(loc, 1, "loc");
+  const std::int64_t D = loc.shape(0);
+  require_shape(rho, {D}, "rho", "(D,) like loc");
+  check_workers(workers);
+  const core::KLPart kp = parse_kl(kl);
+  core::NoiseUse u;
+  if (use == "weights") u = core::NoiseUse::kWeights;
+  else if (use == "perturbation") u = core::NoiseUse::kPerturbation;
+  else if (use == "none") u = core::NoiseUse::kNone;
+  else throw py::value_error("use must be 'weights', 'perturbation' or 'none', got '" + use + "'");
+  Real* o = nullptr;
+  if (u != core::NoiseUse::kNone) {
+    if (!out) throw py::value_error("use='" + use + "' needs the out array");
+    require_shape(*out, {D}, "out", "(D,) like loc");
+    if (overlaps(*out, loc) || overlaps(*out, rho)) throw py::value_error("out must not overlap loc or rho");
+    o = out->mutable_data();
+  }
+  constexpr bool normal = std::is_same_v<Prior, core::NormalPrior<Real, false>> ||
+                          std::is_same_v<Prior, core::NormalPrior<Real, true>>;
+  if (kp == core::KLPart::kAnalytic && !normal) throw py::value_error("kl='analytic' needs a Normal prior; use 'mc'");
+  std::vector<double> work(static_cast<std::size_t>(core::num_blocks(D)));
+  const Real *l = loc.data(), *r = rho.data();
+  py::gil_scoped_release release;
+  auto run = [&](auto use_c) -> double {
+    constexpr core::NoiseUse U = decltype(use_c)::value;
+    switch (kp) {
+      case core::KLPart::kNone:
+        return core::bbb_noise_kl<U, core::KLPart::kNone>(key, l, r, D, prior, o, work.data(), workers);
+      case core::KLPart::kMC:
+        return core::bbb_noise_kl<U, core::KLPart::kMC>(key, l, r, D, prior, o, work.data(), workers);
+      case core::KLPart::kAnalytic:
+        if constexpr (normal)
+          return core::bbb_noise_kl<U, core::KLPart::kAnalytic>(key, l, r, D, prior, o, work.data(), workers);
+        break;
+    }
+    return 0.0;
+  };
+  switch (u) {
+    case core::NoiseUse::kWeights:
+      return run(std::integral_constant<core::NoiseUse, core::NoiseUse::kWeights>{});
+    case core::NoiseUse::kPerturbation:
+      return run(std::integral_constant<core::NoiseUse, core::NoiseUse::kPerturbation>{});
+    case core::NoiseUse::kNone:
+      break;
+  }
+  return run(std::integral_constant<core::NoiseUse, core::NoiseUse::kNone>{});
 }
 
 template <class Real>
@@ -144,33 +201,75 @@ void def_bbb(py::module_& m) {
       py::arg("out").noconvert(), py::arg("workers"),
       "out = loc + softplus(rho) eps ('weights') or softplus(rho) eps ('perturbation'), eps = draws (key, 0, j).");
   m.def(
+      "bbb_noise_kl_normal",
+      [](const std::string& use, const std::string& kl, std::uint64_t key, carray<Real> loc, carray<Real> rho,
+         std::optional<carray<Real>> out, carray<Real> pm, carray<Real> ps, int workers) {
+        require_ndim(loc, 1, "loc");
+        const std::int64_t D = loc.shape(0);
+        const bool am = param_is_array(pm, D, "prior loc");
+        if (am != param_is_array(ps, D, "prior scale"))
+          throw py::value_error("prior loc and prior scale must both have size 1 or both size D");
+        using PA = core::NormalPrior<Real, true>;
+        using PS = core::NormalPrior<Real, false>;
+        if (am) return run_noise_kl(use, kl, key, loc, rho, out, PA(pm.data(), ps.data()), workers);
+        return run_noise_kl(use, kl, key, loc, rho, out, PS(pm.data(), ps.data()), workers);
+      },
+      py::arg("use"), py::arg("kl"), py::arg("key"), py::arg("loc").noconvert(), py::arg("rho").noconvert(),
+      py::arg("out").noconvert(), py::arg("prior_loc").noconvert(), py::arg("prior_scale").noconvert(),
+      py::arg("workers"),
+      "bbb_noise (use 'weights', 'perturbation', or 'none': out may be None) and the layer's KL value\n"
+      "(kl 'none', 'mc' or 'analytic', Normal prior) in one pass: the KL bbb_grad_normal returns for the key.");
+  m.def(
+      "bbb_noise_kl_mixture",
+      [](const std::string& use, const std::string& kl, std::uint64_t key, carray<Real> loc, carray<Real> rho,
+         std::optional<carray<Real>> out, carray<Real> pi, carray<Real> s1, carray<Real> s2, int workers) {
+        require_ndim(loc, 1, "loc");
+        const std::int64_t D = loc.shape(0);
+        const bool a = param_is_array(pi, D, "pi");
+        if (param_is_array(s1, D, "sigma1") != a || param_is_array(s2, D, "sigma2") != a)
+          throw py::value_error("pi, sigma1 and sigma2 must all have size 1 or all size D");
+        using PA = core::MixturePrior<Real, true>;
+        using PS = core::MixturePrior<Real, false>;
+        if (a) return run_noise_kl(use, kl, key, loc, rho, out, PA(pi.data(), s1.data(), s2.data()), workers);
+        return run_noise_kl(use, kl, key, loc, rho, out, PS(pi.data(), s1.data(), s2.data()), workers);
+      },
+      py::arg("use"), py::arg("kl"), py::arg("key"), py::arg("loc").noconvert(), py::arg("rho").noconvert(),
+      py::arg("out").noconvert(), py::arg("pi").noconvert(), py::arg("sigma1").noconvert(),
+      py::arg("sigma2").noconvert(), py::arg("workers"),
+      "bbb_noise and the layer's KL value (kl 'none' or 'mc') in one pass, scale-mixture prior: the KL\n"
+      "bbb_grad_mixture returns for the key.");
+  m.def(
       "bbb_grad_normal",
       [](const std::string& data, const std::string& kl, std::uint64_t key, carray<Real> loc, carray<Real> rho,
          carray<Real> A, std::optional<carray<Real>> BC, carray<Real> pm, carray<Real> ps, double kw, int workers,
-         std::optional<carray<Real>> out_loc, std::optional<carray<Real>> out_rho, bool accumulate) {
+         std::optional<carray<Real>> out_loc, std::optional<carray<Real>> out_rho, bool accumulate,
+         bool compute_kl) {
         check_lr(loc, rho, A);
         check_workers(workers);
         const std::int64_t D = loc.shape(0);
         const bool am = param_is_array(pm, D, "prior loc");
         if (am != param_is_array(ps, D, "prior scale"))
           throw py::value_error("prior loc and prior scale must both have size 1 or both size D");
-        if (am) return run_grad(data, kl, key, loc, rho, A, BC, core::NormalPrior<Real, true>(pm.data(), ps.data()), kw, workers,
-                        GradOut<Real>{out_loc, out_rho, accumulate});
-        return run_grad(data, kl, key, loc, rho, A, BC, core::NormalPrior<Real, false>(pm.data(), ps.data()), kw, workers,
-                        GradOut<Real>{out_loc, out_rho, accumulate});
+        const GradOut<Real> out{out_loc, out_rho, accumulate, compute_kl};
+        using PA = core::NormalPrior<Real, true>;
+        using PS = core::NormalPrior<Real, false>;
+        if (am) return run_grad(data, kl, key, loc, rho, A, BC, PA(pm.data(), ps.data()), kw, workers, out);
+        return run_grad(data, kl, key, loc, rho, A, BC, PS(pm.data(), ps.data()), kw, workers, out);
       },
       py::arg("data"), py::arg("kl"), py::arg("key"), py::arg("loc").noconvert(), py::arg("rho").noconvert(),
       py::arg("A").noconvert(), py::arg("B_or_C").noconvert(), py::arg("prior_loc").noconvert(),
       py::arg("prior_scale").noconvert(), py::arg("kl_weight"), py::arg("workers"), py::kw_only(),
       py::arg("out_loc").noconvert() = py::none(), py::arg("out_rho").noconvert() = py::none(),
-      py::arg("accumulate") = false,
+      py::arg("accumulate") = false, py::arg("compute_kl") = true,
       "Fused backward pass of a Bayes-by-Backprop layer, Normal prior: (grad_loc, grad_rho, kl, finite).\n"
-      "With out_loc / out_rho the gradients go there (added to them with accumulate=True).");
+      "With out_loc / out_rho the gradients go there (added to them with accumulate=True); with\n"
+      "compute_kl=False the KL value is not formed (returned as 0.0; bbb_noise_kl gives it).");
   m.def(
       "bbb_grad_mixture",
       [](const std::string& data, const std::string& kl, std::uint64_t key, carray<Real> loc, carray<Real> rho,
          carray<Real> A, std::optional<carray<Real>> BC, carray<Real> pi, carray<Real> s1, carray<Real> s2, double kw,
-         int workers, std::optional<carray<Real>> out_loc, std::optional<carray<Real>> out_rho, bool accumulate) {
+         int workers, std::optional<carray<Real>> out_loc, std::optional<carray<Real>> out_rho, bool accumulate,
+         bool compute_kl) {
         check_lr(loc, rho, A);
         check_workers(workers);
         if (kl == "analytic") throw py::value_error("kl='analytic' needs a Normal prior; use 'mc'");
@@ -178,18 +277,20 @@ void def_bbb(py::module_& m) {
         const bool a = param_is_array(pi, D, "pi");
         if (param_is_array(s1, D, "sigma1") != a || param_is_array(s2, D, "sigma2") != a)
           throw py::value_error("pi, sigma1 and sigma2 must all have size 1 or all size D");
-        if (a) return run_grad(data, kl, key, loc, rho, A, BC, core::MixturePrior<Real, true>(pi.data(), s1.data(), s2.data()), kw, workers,
-                        GradOut<Real>{out_loc, out_rho, accumulate});
-        return run_grad(data, kl, key, loc, rho, A, BC, core::MixturePrior<Real, false>(pi.data(), s1.data(), s2.data()), kw, workers,
-                        GradOut<Real>{out_loc, out_rho, accumulate});
+        const GradOut<Real> out{out_loc, out_rho, accumulate, compute_kl};
+        using PA = core::MixturePrior<Real, true>;
+        using PS = core::MixturePrior<Real, false>;
+        if (a) return run_grad(data, kl, key, loc, rho, A, BC, PA(pi.data(), s1.data(), s2.data()), kw, workers, out);
+        return run_grad(data, kl, key, loc, rho, A, BC, PS(pi.data(), s1.data(), s2.data()), kw, workers, out);
       },
       py::arg("data"), py::arg("kl"), py::arg("key"), py::arg("loc").noconvert(), py::arg("rho").noconvert(),
       py::arg("A").noconvert(), py::arg("B_or_C").noconvert(), py::arg("pi").noconvert(), py::arg("sigma1").noconvert(),
       py::arg("sigma2").noconvert(), py::arg("kl_weight"), py::arg("workers"), py::kw_only(),
       py::arg("out_loc").noconvert() = py::none(), py::arg("out_rho").noconvert() = py::none(),
-      py::arg("accumulate") = false,
+      py::arg("accumulate") = false, py::arg("compute_kl") = true,
       "Fused backward pass of a Bayes-by-Backprop layer, scale-mixture prior: (grad_loc, grad_rho, kl, finite).\n"
-      "With out_loc / out_rho the gradients go there (added to them with accumulate=True).");
+      "With out_loc / out_rho the gradients go there (added to them with accumulate=True); with\n"
+      "compute_kl=False the KL value is not formed (returned as 0.0; bbb_noise_kl gives it).");
   m.def(
       "adam_update",
       [](carray<Real> p, carray<Real> g, carray<Real> mm, carray<Real> v, std::int64_t step, double lr, double b1,

@@ -248,7 +248,8 @@ class _Spec(NamedTuple):
     estimator: str
     kl: str
     key: int
-    kernel: object
+    kernel: object  # bbb_grad_normal / _mixture
+    noise_kernel: object  # bbb_noise_kl_normal / _mixture
     params: tuple
     workers: int
     in_features: int
@@ -270,15 +271,18 @@ class _LinearFn(torch.autograd.Function):
         loc_np, rho_np = loc_t.numpy(), rho_t.numpy()
         M, mb = loc_t[:k].view(n_out, n_in), loc_t[k:]
         key, est = spec.key, spec.estimator
+        # the noise and the KL term at it in one pass (the KL's gradient is the one the backward
+        # kernel adds, from the same key)
         if est == "reparam":
             w = torch.empty(P, dtype=dt)
-            _core.bbb_noise("weights", key, loc_np, rho_np, w.numpy(), spec.workers)
+            klv = spec.noise_kernel("weights", spec.kl, key, loc_np, rho_np, w.numpy(), *spec.params, spec.workers)
             W = w[:k].view(n_out, n_in)
             y = torch.addmm(w[k:], x, W.t())
             ctx.cache = (W,)
         elif est == "flipout":
             dw = torch.empty(P, dtype=dt)
-            _core.bbb_noise("perturbation", key, loc_np, rho_np, dw.numpy(), spec.workers)
+            klv = spec.noise_kernel("perturbation", spec.kl, key, loc_np, rho_np, dw.numpy(), *spec.params,
+                                    spec.workers)
             dW, db = dw[:k].view(n_out, n_in), dw[k:]
             signs = np.random.default_rng(key).integers(0, 2, size=(x.shape[0], n_in + n_out), dtype=np.int8)
             signs = torch.from_numpy(signs).to(dt).mul_(2).sub_(1)
@@ -287,6 +291,7 @@ class _LinearFn(torch.autograd.Function):
             y = torch.addmm(mb, x, M.t()) + torch.addmm(db, xs, dW.t()) * R
             ctx.cache = (xs, Sg, R, dW, M)
         else:  # local reparameterisation
+            klv = spec.noise_kernel("none", spec.kl, key, loc_np, rho_np, None, *spec.params, spec.workers)
             sigma = torch.from_numpy(_core.softplus(rho_np, spec.workers))
             var = sigma * sigma
             V, vb = var[:k].view(n_out, n_in), var[k:]
@@ -297,10 +302,6 @@ class _LinearFn(torch.autograd.Function):
             zeta = zeta.view(x.shape[0], n_out)
             y = torch.addmm(mb, x, M.t()) + std * zeta
             ctx.cache = (x2, V, std, zeta, M, sigma)
-        # the KL term at the same noise (its gradient is the one the backward kernel adds)
-        zeros = np.zeros(P, loc_np.dtype)
-        _, _, klv, _ = spec.kernel("direct", spec.kl, key, loc_np, rho_np, zeros, zeros, *spec.params, 0.0,
-                                   spec.workers)
         ctx.save_for_backward(x_in, loc, rho)
         ctx.spec = spec
         return y, torch.tensor(klv, dtype=dt)
@@ -361,8 +362,10 @@ class _LinearFn(torch.autograd.Function):
         if need_p:
             loc_np, rho_np = _np(loc), _np(rho)
             kl_mode = spec.kl if gk != 0.0 else "none"
+            # the KL value came from the forward's one-pass kernel: not formed again here
             gl, gr, _, _ = spec.kernel(data, kl_mode, spec.key, loc_np, rho_np, A.numpy(),
-                                       None if BC is None else BC.numpy(), *spec.params, gk, spec.workers)
+                                       None if BC is None else BC.numpy(), *spec.params, gk, spec.workers,
+                                       compute_kl=False)
             gl = torch.from_numpy(gl) if ctx.needs_input_grad[1] else None
             gr = torch.from_numpy(gr) if ctx.needs_input_grad[2] else None
         return grad_x, gl, gr, None
@@ -545,9 +548,12 @@ class BayesianLinear(nn.Module):
             key = derive_key(self.seed, step, stream)
             self.noise_step[stream] += 1
         np_dtype = _NP_DTYPES[self.loc.dtype]
-        kernel = _core.bbb_grad_normal if isinstance(self.prior, Normal) else _core.bbb_grad_mixture
-        spec = _Spec(self.estimator, self.kl, key, kernel, _prior_flat(self.prior, np_dtype, (self.num_params,)),
-                     self.workers, self.in_features, self.out_features)
+        normal = isinstance(self.prior, Normal)
+        kernel = _core.bbb_grad_normal if normal else _core.bbb_grad_mixture
+        noise_kernel = _core.bbb_noise_kl_normal if normal else _core.bbb_noise_kl_mixture
+        spec = _Spec(self.estimator, self.kl, key, kernel, noise_kernel,
+                     _prior_flat(self.prior, np_dtype, (self.num_params,)), self.workers, self.in_features,
+                     self.out_features)
         y, kl = _LinearFn.apply(x2, self.loc, self.rho, spec)
         self.last_kl, self.last_key = kl, key
         return y.reshape(*lead, self.out_features)

@@ -32,7 +32,7 @@ inline void normals_row0(PhiloxKey key, std::int64_t D, std::int64_t j0, std::in
   for_each_normal<Real>(key, D, f0, f1, [&](std::int64_t, std::int64_t j, Real z) { buf[j - j0] = z; });
 }
 
-enum class NoiseUse { kWeights, kPerturbation };
+enum class NoiseUse { kWeights, kPerturbation, kNone };
 
 // out = loc + softplus(rho) eps (kWeights) or softplus(rho) eps (kPerturbation), eps = draws (key, 0, j).
 // `Use` is a template parameter: a run-time switch read inside the loop (through the lambda's
@@ -56,6 +56,57 @@ void bbb_noise(std::uint64_t key, const Real* loc, const Real* rho, std::int64_t
 enum class DataGrad { kReparam, kTimesEps, kDirect };
 enum class KLPart { kNone, kMC, kAnalytic };
 
+// One element's KL term.  MC: log q(w) - log p(w) at w = loc + sigma eps, with lp = log p(w).
+// Analytic: KL[N(loc, sigma^2) || N(m, s^2)] with inv_ps2 = 1 / s^2, dm = loc - m.
+// In Real: a double log of a converted float would mix vector widths and stop gcc vectorising.
+template <class Real>
+inline double mc_kl_term(Real eps, Real lp, Real sigma) {
+  return static_cast<double>(Real(-0.5) * eps * eps - lp - std::log(sigma) - kHalfLog2Pi<Real>);
+}
+
+template <class Real>
+inline double analytic_kl_term(Real ps, Real inv_ps2, Real dm, Real sigma) {
+  return static_cast<double>(std::log(ps) - std::log(sigma) + Real(0.5) * (sigma * sigma + dm * dm) * inv_ps2 -
+                             Real(0.5));
+}
+
+// bbb_noise and the layer's KL value in one pass (the KL bbb_grad computes, bit for bit, from
+// the same key): out as bbb_noise for Use = kWeights / kPerturbation, nothing written for kNone.
+// `work`: num_blocks(D) doubles.
+template <NoiseUse Use, KLPart KP, class Real, class Prior>
+double bbb_noise_kl(std::uint64_t key, const Real* loc, const Real* rho, std::int64_t D, const Prior& prior,
+                    Real* out, double* work, int workers) {
+  const PhiloxKey k = make_key(key);
+  parallel_for_blocks(num_blocks(D), workers_for(D * 64, workers), [=](std::int64_t b) {
+    const std::int64_t j0 = b * kBlock, m = std::min(D - j0, kBlock);
+    alignas(64) Real eps[kBlock];
+    alignas(64) double kl_terms[kBlock];
+    const Prior pr = prior;
+    normals_row0(k, D, j0, m, eps);
+    for (std::int64_t i = 0; i < m; ++i) {
+      const std::int64_t j = j0 + i;
+      const Real sigma = softplus(rho[j]);
+      const Real w = loc[j] + sigma * eps[i];
+      if constexpr (Use == NoiseUse::kWeights) out[j] = w;
+      else if constexpr (Use == NoiseUse::kPerturbation) out[j] = sigma * eps[i];
+      double klv = 0.0;
+      if constexpr (KP == KLPart::kMC) {
+        Real lp, gp;
+        pr.eval(j, w, lp, gp);
+        klv = mc_kl_term(eps[i], lp, sigma);
+      } else if constexpr (KP == KLPart::kAnalytic) {
+        const Real pm = pr.loc(j), ps = pr.scale(j);
+        klv = analytic_kl_term(ps, Real(1) / (ps * ps), loc[j] - pm, sigma);
+      }
+      kl_terms[i] = klv;
+    }
+    work[b] = lane_sum(kl_terms, m);
+  });
+  double kl = 0.0;
+  for (std::int64_t b = 0; b < num_blocks(D); ++b) kl += work[b];
+  return kl;
+}
+
 // The fused backward pass (see the file comment).  Per element, with sg = sigmoid(rho):
 //   dF/dloc = A + kl_weight dKL/dloc,   dF/drho = (C + kl_weight dKL/dsigma) sg
 //   MC:       dKL/dloc = -gp(w),  dKL/dsigma = -gp(w) eps - 1/sigma,  w = loc + sigma eps
@@ -63,7 +114,8 @@ enum class KLPart { kNone, kMC, kAnalytic };
 // Returns the KL value (MC: sum of log q(w) - log p(w); analytic: closed form).
 // With `accumulate` the gradients are added to grad_loc / grad_rho instead of written there.
 // `work`: num_blocks(D) doubles.
-template <DataGrad DG, KLPart KP, class Real, class Prior>
+// WantKL = false: the KL value is not formed (returns 0): the caller has it from bbb_noise_kl.
+template <DataGrad DG, KLPart KP, class Real, class Prior, bool WantKL = true>
 double bbb_grad(std::uint64_t key, const Real* loc, const Real* rho, const Real* A, const Real* BC, std::int64_t D,
                 const Prior& prior, double kl_weight, Real* grad_loc, Real* grad_rho, bool accumulate, double* work,
                 bool* finite, int workers) {
@@ -99,19 +151,17 @@ double bbb_grad(std::uint64_t key, const Real* loc, const Real* rho, const Real*
         pr.eval(j, w, lp, gp);
         gl += kw * (-gp);
         gs += kw * (-gp * eps[i] - Real(1) / sigma);
-        // in Real: a double log of a converted float would mix vector widths and stop gcc vectorising
-        klv = static_cast<double>(Real(-0.5) * eps[i] * eps[i] - lp - std::log(sigma) - kHalfLog2Pi<Real>);
+        klv = mc_kl_term(eps[i], lp, sigma);
       } else if constexpr (KP == KLPart::kAnalytic) {
         const Real pm = pr.loc(j), ps = pr.scale(j);
         const Real inv_ps2 = Real(1) / (ps * ps), dm = loc[j] - pm;
         gl += kw * dm * inv_ps2;
         gs += kw * (sigma * inv_ps2 - Real(1) / sigma);
-        klv = static_cast<double>(std::log(ps) - std::log(sigma) + Real(0.5) * (sigma * sigma + dm * dm) * inv_ps2 -
-                                  Real(0.5));
+        klv = analytic_kl_term(ps, inv_ps2, dm, sigma);
       }
       out_l[i] = gl;
       out_r[i] = gs * sg;
-      kl_terms[i] = klv;
+      if constexpr (WantKL) kl_terms[i] = klv;
     }
     if (accumulate) {
       for (std::int64_t i = 0; i < m; ++i) grad_loc[j0 + i] += out_l[i];
@@ -120,7 +170,7 @@ double bbb_grad(std::uint64_t key, const Real* loc, const Real* rho, const Real*
       std::copy(out_l, out_l + m, grad_loc + j0);
       std::copy(out_r, out_r + m, grad_rho + j0);
     }
-    work[b] = lane_sum(kl_terms, m);
+    work[b] = WantKL ? lane_sum(kl_terms, m) : 0.0;
     if (!(all_finite(out_l, m) && all_finite(out_r, m))) bad.store(true, std::memory_order_relaxed);
   });
   double kl = 0.0;

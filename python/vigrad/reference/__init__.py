@@ -8,6 +8,8 @@ Results are computed in float64 and returned in the input dtype.
 
 from ._kernels import (
     bbb_noise,
+    bbb_noise_kl_mixture,
+    bbb_noise_kl_normal,
     bbb_grad_normal,
     bbb_grad_mixture,
     adam_update,
@@ -41,6 +43,8 @@ from ._kernels import (
 
 __all__ = [
     "bbb_noise",
+    "bbb_noise_kl_mixture",
+    "bbb_noise_kl_normal",
     "bbb_grad_normal",
     "bbb_grad_mixture",
     "adam_update",

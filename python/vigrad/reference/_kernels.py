@@ -409,8 +409,10 @@ def _bbb_grad(data, kl, key, loc, rho, A, B_or_C, prior_lp_grad, kl_weight, anal
     return gl, gr, klv, finite
 
 
-def _write_out(result, out_loc, out_rho, accumulate):
-    """The core's out_loc / out_rho / accumulate convention."""
+def _write_out(result, out_loc, out_rho, accumulate, compute_kl):
+    """The core's out_loc / out_rho / accumulate / compute_kl conventions."""
+    if not compute_kl:
+        result = (result[0], result[1], 0.0, result[3])
     if (out_loc is None) != (out_rho is None):
         raise ValueError("out_loc and out_rho must be given together")
     if out_loc is None:
@@ -431,26 +433,64 @@ def _write_out(result, out_loc, out_rho, accumulate):
 
 
 def bbb_grad_normal(data, kl, key, loc, rho, A, B_or_C, prior_loc, prior_scale, kl_weight, workers, *,
-                    out_loc=None, out_rho=None, accumulate=False):
+                    out_loc=None, out_rho=None, accumulate=False, compute_kl=True):
     """Fused backward pass of a Bayes-by-Backprop layer with a Normal prior: (grad_loc, grad_rho, kl, finite).
-    With out_loc / out_rho the gradients go there (added to them with accumulate=True)."""
+    With out_loc / out_rho the gradients go there (added to them with accumulate=True); with
+    compute_kl=False the KL value is returned as 0.0."""
     m, s = _f64(prior_loc), _f64(prior_scale)
     with np.errstate(all="ignore"):
         res = _bbb_grad(data, kl, key, loc, rho, A, B_or_C, lambda w: (_normal_lp(w, m, s), -(w - m) / s**2),
                         kl_weight, (m, s))
-    return _write_out(res, out_loc, out_rho, accumulate)
+    return _write_out(res, out_loc, out_rho, accumulate, compute_kl)
 
 
 def bbb_grad_mixture(data, kl, key, loc, rho, A, B_or_C, pi, sigma1, sigma2, kl_weight, workers, *,
-                     out_loc=None, out_rho=None, accumulate=False):
+                     out_loc=None, out_rho=None, accumulate=False, compute_kl=True):
     """Fused backward pass of a Bayes-by-Backprop layer with the scale-mixture prior.
-    With out_loc / out_rho the gradients go there (added to them with accumulate=True)."""
+    With out_loc / out_rho the gradients go there (added to them with accumulate=True); with
+    compute_kl=False the KL value is returned as 0.0."""
     if kl == "analytic":
         raise ValueError("kl='analytic' needs a Normal prior; use 'mc'")
     p, s1, s2 = _f64(pi), _f64(sigma1), _f64(sigma2)
     with np.errstate(all="ignore"):
         res = _bbb_grad(data, kl, key, loc, rho, A, B_or_C, lambda w: _mixture_parts(w, p, s1, s2), kl_weight)
-    return _write_out(res, out_loc, out_rho, accumulate)
+    return _write_out(res, out_loc, out_rho, accumulate, compute_kl)
+
+
+def _bbb_noise_kl(use, kl, key, loc, rho, out, prior_lp, analytic_prior=None):
+    if use not in ("weights", "perturbation", "none"):
+        raise ValueError(f"use must be 'weights', 'perturbation' or 'none', got {use!r}")
+    if kl not in ("none", "mc", "analytic"):
+        raise ValueError(f"kl must be 'none', 'mc' or 'analytic', got {kl!r}")
+    if use != "none" and out is None:
+        raise ValueError(f"use={use!r} needs the out array")
+    mu = _f64(loc)
+    eps = _normals(int(key), 1, mu.shape[0], loc.dtype)[0].astype(np.float64)
+    sigma = np.logaddexp(0.0, _f64(rho))
+    w = mu + sigma * eps
+    if use != "none":
+        out[...] = w if use == "weights" else sigma * eps
+    if kl == "mc":
+        return float(np.sum(-_HALF_LOG_2PI - np.log(sigma) - 0.5 * eps**2 - prior_lp(w)))
+    if kl == "analytic":
+        return float(np.sum(_kl_terms(mu, sigma, *analytic_prior)))
+    return 0.0
+
+
+def bbb_noise_kl_normal(use, kl, key, loc, rho, out, prior_loc, prior_scale, workers):
+    """bbb_noise and the layer's KL value in one pass, Normal prior (the KL of bbb_grad_normal)."""
+    m, s = _f64(prior_loc), _f64(prior_scale)
+    with np.errstate(all="ignore"):
+        return _bbb_noise_kl(use, kl, key, loc, rho, out, lambda w: _normal_lp(w, m, s), (m, s))
+
+
+def bbb_noise_kl_mixture(use, kl, key, loc, rho, out, pi, sigma1, sigma2, workers):
+    """bbb_noise and the layer's KL value in one pass, scale-mixture prior (the KL of bbb_grad_mixture)."""
+    if kl == "analytic":
+        raise ValueError("kl='analytic' needs a Normal prior; use 'mc'")
+    p, s1, s2 = _f64(pi), _f64(sigma1), _f64(sigma2)
+    with np.errstate(all="ignore"):
+        return _bbb_noise_kl(use, kl, key, loc, rho, out, lambda w: _mixture_parts(w, p, s1, s2)[0])
 
 
 def adam_update(params, grads, m, v, step, lr, b1, b2, eps, workers):
