@@ -55,12 +55,6 @@ struct GradOut {
   bool want_kl;
 };
 
-inline bool overlaps(const py::array& a, const py::array& b) {
-  const char* a0 = static_cast<const char*>(a.data());
-  const char* b0 = static_cast<const char*>(b.data());
-  return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
-}
-
 template <class Real, class Prior>
 py::tuple run_grad(const std::string& data, const std::string& kl, std::uint64_t key, const carray<Real>& loc,
                    const carray<Real>& rho, const carray<Real>& A, const std::optional<carray<Real>>& BC,

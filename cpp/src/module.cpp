@@ -19,6 +19,7 @@ PYBIND11_MODULE(_core, m) {
   vigrad::bind::bind_gradients(m);
   vigrad::bind::bind_families(m);
   vigrad::bind::bind_bbb(m);
+  vigrad::bind::bind_blas(m);
 
   py::dict info;
 #if defined(__clang__)

@@ -45,6 +45,13 @@ inline void require_shape(const py::array& a, std::vector<py::ssize_t> shape, co
   if (!same) throw py::value_error(std::string(name) + " must have shape " + what + ", got " + shape_str(a));
 }
 
+// Whether two arrays' memory ranges overlap (an output must not overlap an input).
+inline bool overlaps(const py::array& a, const py::array& b) {
+  const char* a0 = static_cast<const char*>(a.data());
+  const char* b0 = static_cast<const char*>(b.data());
+  return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
 // Prior parameters: 1-D, of size 1 (one value for every element) or D.
 inline bool param_is_array(const py::array& a, std::int64_t D, const char* name) {
   require_ndim(a, 1, name);
@@ -83,5 +90,6 @@ void bind_distributions(py::module_& m);
 void bind_gradients(py::module_& m);
 void bind_families(py::module_& m);
 void bind_bbb(py::module_& m);
+void bind_blas(py::module_& m);
 
 }  // namespace vigrad::bind

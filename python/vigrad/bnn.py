@@ -28,7 +28,7 @@ from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 
-from . import _core
+from . import _blas, _core
 from . import data as _data
 from . import optim as _optim
 from ._validation import as_float_array, check_finite, check_num_samples, check_real, resolve_rng, resolve_workers
@@ -42,11 +42,14 @@ _FORMAT_VERSION = 1
 
 
 def layer_workers(workers):
-    """Threads for a layer's elementwise passes.  None means one: the matrix products of the same
-    step already use every core through BLAS, whose threads keep spinning after each product, and
-    an OpenMP team on the same cores then waits for a core at every barrier.  Measured on 2 cores,
-    784-400-400-10, batch 128: 12.4 ms per step with one thread, 31.9 ms with two."""
-    return 1 if workers is None else resolve_workers(workers)
+    """Threads for a layer's fused elementwise passes and matrix products.  None means every core
+    when vigrad runs the matrix products on its own threads (:mod:`vigrad._blas`: NumPy's OpenBLAS
+    found), else one: NumPy's matmul then runs on OpenBLAS's pool, whose threads keep spinning
+    after each product, and an OpenMP team on the same cores waits for a core at every barrier
+    (2 cores, 784-400-400-10, batch 128: 5.4 ms per step with one thread, 34 ms with two)."""
+    if workers is None:
+        return resolve_workers(None) if _blas.available() else 1
+    return resolve_workers(workers)
 
 
 def default_prior():
@@ -105,8 +108,8 @@ class BayesianLinear:
     params : (loc, rho) views, optional
         Flat arrays of size in*out + out to use as parameter storage (BayesianMLP shares one buffer).
     workers : int or None
-        Threads for the fused elementwise passes; None means 1 (see :func:`layer_workers`: BLAS
-        already uses every core for the matrix products).
+        Threads for the fused elementwise passes and the matrix products; None means every core
+        when vigrad can run the products on its own threads, else 1 (see :func:`layer_workers`).
 
     Examples
     --------
@@ -184,6 +187,9 @@ class BayesianLinear:
             buf = self._buffers[name] = np.empty(shape, self.dtype)
         return buf
 
+    def _mm(self, a, b, **kw):
+        return _blas.matmul(a, b, workers=self.workers, **kw)
+
     def forward(self, x, *, key=None, sample=True):
         """Outputs (B, out) for inputs (B, in).  ``key`` fixes the noise (an int); None draws one.
         With sample=False the mean weights are used (no noise, nothing cached for backward)."""
@@ -193,7 +199,9 @@ class BayesianLinear:
         M, mb = self._split(self.loc)
         if not sample:
             self._cache = None
-            return x @ M.T + mb
+            out = self._mm(x, M, trans_b=True)
+            out += mb
+            return out
         key = int(self._sign_rng.integers(0, 2**63)) if key is None else int(key)
         n = self.num_params
         if self.estimator == "reparam":
@@ -201,7 +209,7 @@ class BayesianLinear:
             _core.bbb_noise("weights", key, self.loc, self.rho, w, self.workers)
             W, b = self._split(w)
             self._cache = (key, x, W)
-            out = x @ W.T
+            out = self._mm(x, W, trans_b=True)
             out += b
             return out
         if self.estimator == "flipout":
@@ -214,26 +222,36 @@ class BayesianLinear:
             S, R = signs[:, :self.in_features], signs[:, self.in_features:]
             xs = x * S
             self._cache = (key, x, xs, S, R, dW, M)
-            return x @ M.T + mb + (xs @ dW.T + db) * R
+            pert = self._mm(xs, dW, trans_b=True)
+            pert += db
+            pert *= R
+            out = self._mm(x, M, trans_b=True)
+            out += mb
+            out += pert
+            return out
         # local reparameterisation
         var = _core.softplus(self.rho, self.workers)
         var *= var
         V, vb = self._split(var)
         x2 = x * x
-        delta = x2 @ V.T + vb
+        delta = self._mm(x2, V, trans_b=True)
+        delta += vb
         std = np.sqrt(delta)
         zeta = np.empty((1, x.shape[0] * self.out_features), self.dtype)
         _core.standard_normal(key ^ 0x5DEECE66D, zeta, self.workers)
         zeta = zeta.reshape(x.shape[0], self.out_features)
         self._cache = (key, x, x2, V, std, zeta, M)
-        return x @ M.T + mb + std * zeta
+        out = self._mm(x, M, trans_b=True)
+        out += mb
+        out += std * zeta
+        return out
 
     def _param_grad(self, G, x, name):
         """[G^T x (flattened), column sums of G]: the gradient of sum(G * (x W^T + b)) in (W, b),
         written into a persistent buffer."""
         k = self.in_features * self.out_features
         out = self._buffer(name, (self.num_params,))
-        np.matmul(G.T, x, out=out[:k].reshape(self.out_features, self.in_features))
+        self._mm(G, x, trans_a=True, out=out[:k].reshape(self.out_features, self.in_features))
         np.sum(G, axis=0, out=out[k:])
         return out
 
@@ -260,14 +278,16 @@ class BayesianLinear:
         if self.estimator == "reparam":
             W = self._cache[2]
             if need_grad_x:
-                grad_x = G @ W
+                grad_x = self._mm(G, W)
             data, BC = "reparam", None
         elif self.estimator == "flipout":
             _, _, xs, S, R, dW, M = self._cache
             GR = G * R
             BC = self._param_grad(GR, xs, "B")
             if need_grad_x:
-                grad_x = G @ M + (GR @ dW) * S
+                grad_x = self._mm(GR, dW)
+                grad_x *= S
+                self._mm(G, M, out=grad_x, accumulate=True)
             data = "times_eps"
         else:
             _, _, x2, V, std, zeta, M = self._cache
@@ -276,7 +296,10 @@ class BayesianLinear:
             BC *= _core.softplus(self.rho, self.workers)
             BC *= self.dtype.type(2)
             if need_grad_x:
-                grad_x = G @ M + 2.0 * x * (H @ V)
+                grad_x = self._mm(H, V)
+                grad_x *= x
+                grad_x *= self.dtype.type(2)
+                self._mm(G, M, out=grad_x, accumulate=True)
             data = "direct"
         kw = {} if out is None else {"out_loc": out[0], "out_rho": out[1], "accumulate": accumulate}
         gl, gr, klv, finite = self._kernel(data, kl, key, self.loc, self.rho, A, BC, *self._prior_params, kl_weight,
@@ -319,8 +342,10 @@ class BayesianMLP:
     kl : {"mc", "analytic"}
         The KL term: Monte Carlo at the sampled weights (any prior) or closed form (Normal prior).
     workers : int or None
-        Threads for the fused elementwise passes; None means 1, because BLAS already uses every
-        core for the matrix products and two thread pools on the same cores wait for each other.
+        Threads for the fused elementwise passes and the matrix products; None means every core
+        when vigrad can run the products on its own threads (NumPy's OpenBLAS found), else 1,
+        because two thread pools on the same cores wait for each other (see
+        :func:`vigrad.bnn.layer_workers`).  Results are bit-identical for any value.
 
     Examples
     --------

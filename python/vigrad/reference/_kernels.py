@@ -493,6 +493,18 @@ def bbb_noise_kl_mixture(use, kl, key, loc, rho, out, pi, sigma1, sigma2, worker
         return _bbb_noise_kl(use, kl, key, loc, rho, out, lambda w: _mixture_parts(w, p, s1, s2)[0])
 
 
+def gemm(trans_a, trans_b, A, B, C, beta, workers):
+    """C = op(A) op(B) + beta C (beta 0 or 1), in place (computed in float64)."""
+    if beta not in (0.0, 1.0):
+        raise ValueError(f"beta must be 0 or 1, got {beta}")
+    a, b = (A.T if trans_a else A), (B.T if trans_b else B)
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"op(A) is {a.shape[0]} x {a.shape[1]} but op(B) is {b.shape[0]} x {b.shape[1]}")
+    if C.shape != (a.shape[0], b.shape[1]):
+        raise ValueError(f"C must have shape (M, N) = {(a.shape[0], b.shape[1])}, got {C.shape}")
+    C[...] = _f64(a) @ _f64(b) + (beta * _f64(C) if beta else 0.0)
+
+
 def adam_update(params, grads, m, v, step, lr, b1, b2, eps, workers):
     """One Adam step in place (params, m, v are written)."""
     t = step + 1
