@@ -41,7 +41,6 @@ from torch import nn
 
 from . import _core
 from ._validation import check_num_samples, check_real, resolve_workers
-from .bnn import layer_workers
 from .bnn import _derive_keys
 from .distributions import Normal, ScaleMixtureNormal
 
@@ -443,7 +442,10 @@ class BayesianLinear(nn.Module):
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if dtype not in _NP_DTYPES:
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        self.workers = layer_workers(workers)
+        # every core by default: inside PyTorch the matrix products run on torch's own pool, which
+        # does not hold the cores the way NumPy's OpenBLAS does (measured, 784-400-400-10 step:
+        # 5.3 ms with two threads, 7.2 ms with one)
+        self.workers = resolve_workers(workers)
         if seed is None:
             seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**63:
