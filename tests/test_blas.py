@@ -80,18 +80,6 @@ def test_matmul_helper_matches_numpy(dtype):
     np.testing.assert_allclose(out, 2 * (a @ b.T), rtol=tol, atol=tol * 24)
 
 
-def test_bayesian_mlp_bits_do_not_depend_on_workers():
-    X = np.random.default_rng(0).random((96, 20)).astype(np.float32)
-    y = np.random.default_rng(1).integers(0, 3, 96)
-    thetas = []
-    for workers in (1, 2, 3):
-        m = vg.BayesianMLP([20, 70, 3], likelihood="categorical", rng=4, workers=workers)
-        m.fit(X, y, epochs=2, batch_size=32)
-        thetas.append(m._theta.copy())
-    for t in thetas[1:]:
-        np.testing.assert_array_equal(t, thetas[0])
-
-
 def test_numpy_fallback_in_a_fresh_process():
     """VIGRAD_BLAS=numpy: no OpenBLAS registered, NumPy's matmul and one vigrad thread by default;
     training still learns."""

@@ -217,17 +217,40 @@ def test_resume_reproduces_uninterrupted_training_bit_for_bit(tmp_path):
     assert a.history["loss"] == c.history["loss"]
 
 
-def test_same_seed_same_bits_any_workers():
-    X, y = tiny_problem("categorical", n=60)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_same_seed_same_bits_any_workers(estimator):
+    # big enough that the fused passes and the matrix products really split (a 39k-parameter
+    # layer, batches of 160 rows)
+    rng = np.random.default_rng(0)
+    X, y = rng.random((320, 64)).astype(np.float32), rng.integers(0, 4, 320)
     runs = []
-    for w in (1, 2):
-        m = vg.BayesianMLP([3, 300, 4], likelihood="categorical", rng=5, workers=w)
-        m.fit(X, y, epochs=2, batch_size=20)
+    for w in (1, 2, 3):
+        m = vg.BayesianMLP([64, 600, 4], likelihood="categorical", estimator=estimator, rng=5, workers=w)
+        m.fit(X, y, epochs=2, batch_size=160)
         runs.append(m._theta.copy())
-    np.testing.assert_array_equal(runs[0], runs[1])
-    m = vg.BayesianMLP([3, 300, 4], likelihood="categorical", rng=6)
-    m.fit(X, y, epochs=2, batch_size=20)
+    for r in runs[1:]:
+        np.testing.assert_array_equal(r, runs[0])
+    m = vg.BayesianMLP([64, 600, 4], likelihood="categorical", estimator=estimator, rng=6)
+    m.fit(X, y, epochs=2, batch_size=160)
     assert not np.array_equal(runs[0], m._theta)
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
+def test_fused_adam_step_equals_gradient_then_adam(likelihood):
+    """fit's fused path (the Adam step inside each layer's kernel; one sample, no clipping) and
+    the plain path (the whole gradient, then one Adam update; taken here through a clip_norm that
+    never clips) give the same training, to rounding."""
+    X, y = tiny_problem(likelihood, n=60)
+    out = []
+    for clip in (None, 1e300):
+        m = vg.BayesianMLP([3, 40, 4 if likelihood == "categorical" else 1], likelihood=likelihood, rng=2,
+                           dtype=np.float64)
+        start = m._theta.copy()
+        h = m.fit(X, y, epochs=3, batch_size=20, lr=1e-2, clip_norm=clip)
+        assert np.abs(m._theta - start).max() > 1e-3  # it trained
+        out.append((m._theta.copy(), h["loss"]))
+    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-9)
 
 
 def test_history_validation_early_stopping_and_progress(capsys):

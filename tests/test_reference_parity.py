@@ -287,3 +287,49 @@ def test_bbb_noise_kl_errors():
             mod.bbb_noise_kl_mixture("both", "mc", 1, loc, rho, None, *pp, 1)
     with pytest.raises(ValueError, match="overlap"):
         _core.bbb_noise_kl_mixture("weights", "mc", 1, loc, rho, loc, *pp, 1)
+
+
+@pytest.mark.parametrize("impl", ["core", "reference"])
+@pytest.mark.parametrize("D", [7, 2500])
+def test_bbb_grad_fused_adam(impl, D, dtype):
+    """adam_state / adam: the gradients of the call, then one adam_update on loc and rho."""
+    mod = _core if impl == "core" else ref
+    args = list(_bbb_args(D, dtype, "times_eps", "mixture"))
+    loc, rho = args[3].copy(), args[4].copy()
+    rng = np.random.default_rng(D)
+    state = [(rng.normal(size=D) * 0.01).astype(dtype) if i % 2 == 0 else (rng.random(D) * 0.01).astype(dtype)
+             for i in range(4)]
+    hyper = (3, 1e-2, 0.9, 0.999, 1e-8)
+    gl, gr, klv, fin = mod.bbb_grad_mixture(*args, 0.5, 2)
+    want = [loc.copy(), rho.copy()] + [a.copy() for a in state]
+    mod.adam_update(want[0], gl, want[2], want[3], *hyper, 1)
+    mod.adam_update(want[1], gr, want[4], want[5], *hyper, 1)
+    got_state = [a.copy() for a in state]
+    res = mod.bbb_grad_mixture(*args, 0.5, 2, adam_state=tuple(got_state), adam=hyper)
+    assert res[0] is None and res[1] is None and res[2] == klv and res[3] == fin
+    for got, w in zip([args[3], args[4]] + got_state, want):
+        assert_close(got, w, dtype, scale=10.0)
+
+
+def test_bbb_grad_fused_adam_errors():
+    D = 10
+    args = list(_bbb_args(D, np.float64, "reparam", "normal"))
+    st = tuple(np.zeros(D) for _ in range(4))
+    hyper = (0, 1e-3, 0.9, 0.999, 1e-8)
+    for mod in (_core, ref):
+        with pytest.raises(ValueError, match="together"):
+            mod.bbb_grad_normal(*args, 1.0, 1, adam_state=st)
+        with pytest.raises(ValueError, match="accumulate"):
+            mod.bbb_grad_normal(*args, 1.0, 1, adam_state=st, adam=hyper, accumulate=True,
+                                out_loc=np.zeros(D), out_rho=np.zeros(D))
+        with pytest.raises(ValueError, match="adam_state must be"):
+            mod.bbb_grad_normal(*args, 1.0, 1, adam_state=st[:3], adam=hyper)
+        with pytest.raises(ValueError, match="adam must be"):
+            mod.bbb_grad_normal(*args, 1.0, 1, adam_state=st, adam=hyper[:4])
+    with pytest.raises(TypeError, match="m_loc"):
+        _core.bbb_grad_normal(*args, 1.0, 1, adam_state=(np.zeros(D, np.float32),) + st[1:], adam=hyper)
+    with pytest.raises(ValueError, match="overlap"):
+        _core.bbb_grad_normal(*args, 1.0, 1, adam_state=(st[0], st[0], st[2], st[3]), adam=hyper)
+    args[3].flags.writeable = False
+    with pytest.raises(ValueError, match="writeable loc"):
+        _core.bbb_grad_normal(*args, 1.0, 1, adam_state=st, adam=hyper)

@@ -26,34 +26,75 @@ core::KLPart parse_kl(const std::string& s) {
 template <core::DataGrad DG, class Real, class Prior>
 double dispatch_kl(core::KLPart kp, std::uint64_t key, const Real* l, const Real* r, const Real* A, const Real* BC,
                    std::int64_t D, const Prior& prior, double kw, Real* gl, Real* gr, bool acc, bool want_kl,
-                   double* work, bool* finite, int workers) {
+                   double* work, bool* finite, int workers, const core::AdamTarget<Real>* adam) {
   switch (kp) {
     case core::KLPart::kNone:
       return core::bbb_grad<DG, core::KLPart::kNone>(key, l, r, A, BC, D, prior, kw, gl, gr, acc, work, finite,
-                                                     workers);
+                                                     workers, adam);
     case core::KLPart::kMC:
       if (!want_kl)
         return core::bbb_grad<DG, core::KLPart::kMC, Real, Prior, false>(key, l, r, A, BC, D, prior, kw, gl, gr, acc,
-                                                                          work, finite, workers);
-      return core::bbb_grad<DG, core::KLPart::kMC>(key, l, r, A, BC, D, prior, kw, gl, gr, acc, work, finite, workers);
+                                                                          work, finite, workers, adam);
+      return core::bbb_grad<DG, core::KLPart::kMC>(key, l, r, A, BC, D, prior, kw, gl, gr, acc, work, finite, workers,
+                                                   adam);
     case core::KLPart::kAnalytic:
       if constexpr (std::is_same_v<Prior, core::NormalPrior<Real, false>> ||
                     std::is_same_v<Prior, core::NormalPrior<Real, true>>)
         return core::bbb_grad<DG, core::KLPart::kAnalytic>(key, l, r, A, BC, D, prior, kw, gl, gr, acc, work,
-                                                           finite, workers);
+                                                           finite, workers, adam);
       break;
   }
   throw std::logic_error("analytic KL needs a Normal prior");
 }
 
 // The output arrays: given (both or neither; (D,), writeable, not overlapping an input or each
-// other) or allocated here.
+// other), allocated here, or (with a fused Adam step and none given) not formed.
 template <class Real>
 struct GradOut {
   std::optional<carray<Real>> loc, rho;
   bool accumulate;
   bool want_kl;
+  std::optional<py::tuple> adam_state;  // (m_loc, v_loc, m_rho, v_rho)
+  std::optional<py::tuple> adam;        // (step, lr, b1, b2, eps)
 };
+
+// The fused Adam step's arrays and constants, checked; loc and rho are updated in place.
+template <class Real>
+core::AdamTarget<Real> adam_target(const GradOut<Real>& out, const carray<Real>& loc, const carray<Real>& rho) {
+  if (out.adam_state.has_value() != out.adam.has_value())
+    throw py::value_error("adam_state and adam must be given together");
+  if (out.accumulate) throw py::value_error("accumulate=True cannot be combined with a fused Adam step");
+  if (out.adam_state->size() != 4)
+    throw py::value_error("adam_state must be (m_loc, v_loc, m_rho, v_rho), got " +
+                          std::to_string(out.adam_state->size()) + " items");
+  if (out.adam->size() != 5)
+    throw py::value_error("adam must be (step, lr, b1, b2, eps), got " + std::to_string(out.adam->size()) + " items");
+  const std::int64_t D = loc.shape(0);
+  const char* names[] = {"adam_state[0] (m_loc)", "adam_state[1] (v_loc)", "adam_state[2] (m_rho)",
+                         "adam_state[3] (v_rho)"};
+  std::vector<carray<Real>> st;
+  for (int i = 0; i < 4; ++i) {
+    py::handle h = (*out.adam_state)[i];
+    if (!py::isinstance<carray<Real>>(h))
+      throw py::type_error(std::string(names[i]) + " must be a C-contiguous array of the parameters' dtype");
+    st.push_back(py::reinterpret_borrow<carray<Real>>(h));
+    require_shape(st.back(), {D}, names[i], "(D,) like loc");
+    if (!st.back().writeable()) throw py::value_error(std::string(names[i]) + " must be writeable");
+  }
+  const py::array* all[] = {&loc, &rho, &st[0], &st[1], &st[2], &st[3]};
+  for (int i = 0; i < 6; ++i)
+    for (int j = i + 1; j < 6; ++j)
+      if (overlaps(*all[i], *all[j])) throw py::value_error("loc, rho and adam_state's arrays must not overlap");
+  if (!loc.writeable() || !rho.writeable()) throw py::value_error("a fused Adam step needs writeable loc and rho");
+  const auto& a = *out.adam;
+  const auto step = py::cast<std::int64_t>(a[0]);
+  if (step < 0) throw py::value_error("adam step must be >= 0, got " + std::to_string(step));
+  carray<Real> lw = loc, rw = rho;  // handles, for mutable_data
+  const core::AdamStep<Real> hyper(step, py::cast<double>(a[1]), py::cast<double>(a[2]), py::cast<double>(a[3]),
+                                   py::cast<double>(a[4]));
+  return core::AdamTarget<Real>{lw.mutable_data(), rw.mutable_data(), st[0].mutable_data(), st[1].mutable_data(),
+                                st[2].mutable_data(), st[3].mutable_data(), hyper};
+}
 
 template <class Real, class Prior>
 py::tuple run_grad(const std::string& data, const std::string& kl, std::uint64_t key, const carray<Real>& loc,
@@ -82,20 +123,24 @@ py::tuple run_grad(const std::string& data, const std::string& kl, std::uint64_t
     for (const auto& [name, in] : ins)
       if (in && (overlaps(gl, *in) || overlaps(gr, *in)))
         throw py::value_error(std::string("out_loc and out_rho must not overlap ") + name);
-  } else {
+  } else if (!out.adam) {
     gl = carray<Real>(D);
     gr = carray<Real>(D);
   }
+  std::optional<core::AdamTarget<Real>> adam;
+  if (out.adam || out.adam_state) adam = adam_target(out, loc, rho);
   std::vector<double> work(static_cast<std::size_t>(core::num_blocks(D)));
   const Real *l = loc.data(), *r = rho.data(), *a = A.data(), *bc = BC ? BC->data() : nullptr;
-  Real *glp = gl.mutable_data(), *grp = gr.mutable_data();
+  const bool have_out = out.loc || !adam;
+  Real *glp = have_out ? gl.mutable_data() : nullptr, *grp = have_out ? gr.mutable_data() : nullptr;
+  const core::AdamTarget<Real>* adam_p = adam ? &*adam : nullptr;
   bool finite = true;
   double klv = 0.0;
   {
     py::gil_scoped_release release;
     auto go = [&](auto dg_c) {
       return dispatch_kl<decltype(dg_c)::value>(kp, key, l, r, a, bc, D, prior, kw, glp, grp, out.accumulate,
-                                                out.want_kl, work.data(), &finite, workers);
+                                                out.want_kl, work.data(), &finite, workers, adam_p);
     };
     switch (dg) {
       case core::DataGrad::kReparam:
@@ -109,6 +154,7 @@ py::tuple run_grad(const std::string& data, const std::string& kl, std::uint64_t
         break;
     }
   }
+  if (!have_out) return py::make_tuple(py::none(), py::none(), klv, finite);
   return py::make_tuple(gl, gr, klv, finite);
 }
 
@@ -237,14 +283,14 @@ void def_bbb(py::module_& m) {
       [](const std::string& data, const std::string& kl, std::uint64_t key, carray<Real> loc, carray<Real> rho,
          carray<Real> A, std::optional<carray<Real>> BC, carray<Real> pm, carray<Real> ps, double kw, int workers,
          std::optional<carray<Real>> out_loc, std::optional<carray<Real>> out_rho, bool accumulate,
-         bool compute_kl) {
+         bool compute_kl, std::optional<py::tuple> adam_state, std::optional<py::tuple> adam) {
         check_lr(loc, rho, A);
         check_workers(workers);
         const std::int64_t D = loc.shape(0);
         const bool am = param_is_array(pm, D, "prior loc");
         if (am != param_is_array(ps, D, "prior scale"))
           throw py::value_error("prior loc and prior scale must both have size 1 or both size D");
-        const GradOut<Real> out{out_loc, out_rho, accumulate, compute_kl};
+        const GradOut<Real> out{out_loc, out_rho, accumulate, compute_kl, adam_state, adam};
         using PA = core::NormalPrior<Real, true>;
         using PS = core::NormalPrior<Real, false>;
         if (am) return run_grad(data, kl, key, loc, rho, A, BC, PA(pm.data(), ps.data()), kw, workers, out);
@@ -254,16 +300,20 @@ void def_bbb(py::module_& m) {
       py::arg("A").noconvert(), py::arg("B_or_C").noconvert(), py::arg("prior_loc").noconvert(),
       py::arg("prior_scale").noconvert(), py::arg("kl_weight"), py::arg("workers"), py::kw_only(),
       py::arg("out_loc").noconvert() = py::none(), py::arg("out_rho").noconvert() = py::none(),
-      py::arg("accumulate") = false, py::arg("compute_kl") = true,
+      py::arg("accumulate") = false, py::arg("compute_kl") = true, py::arg("adam_state") = py::none(),
+      py::arg("adam") = py::none(),
       "Fused backward pass of a Bayes-by-Backprop layer, Normal prior: (grad_loc, grad_rho, kl, finite).\n"
       "With out_loc / out_rho the gradients go there (added to them with accumulate=True); with\n"
-      "compute_kl=False the KL value is not formed (returned as 0.0; bbb_noise_kl gives it).");
+      "compute_kl=False the KL value is not formed (returned as 0.0; bbb_noise_kl gives it).  With\n"
+      "adam_state=(m_loc, v_loc, m_rho, v_rho) and adam=(step, lr, b1, b2, eps) the gradients also take an\n"
+      "Adam step on loc and rho in the same pass (blocks with non-finite gradients are left alone); the\n"
+      "gradients are then returned only into out_loc / out_rho, else as None.");
   m.def(
       "bbb_grad_mixture",
       [](const std::string& data, const std::string& kl, std::uint64_t key, carray<Real> loc, carray<Real> rho,
          carray<Real> A, std::optional<carray<Real>> BC, carray<Real> pi, carray<Real> s1, carray<Real> s2, double kw,
          int workers, std::optional<carray<Real>> out_loc, std::optional<carray<Real>> out_rho, bool accumulate,
-         bool compute_kl) {
+         bool compute_kl, std::optional<py::tuple> adam_state, std::optional<py::tuple> adam) {
         check_lr(loc, rho, A);
         check_workers(workers);
         if (kl == "analytic") throw py::value_error("kl='analytic' needs a Normal prior; use 'mc'");
@@ -271,7 +321,7 @@ void def_bbb(py::module_& m) {
         const bool a = param_is_array(pi, D, "pi");
         if (param_is_array(s1, D, "sigma1") != a || param_is_array(s2, D, "sigma2") != a)
           throw py::value_error("pi, sigma1 and sigma2 must all have size 1 or all size D");
-        const GradOut<Real> out{out_loc, out_rho, accumulate, compute_kl};
+        const GradOut<Real> out{out_loc, out_rho, accumulate, compute_kl, adam_state, adam};
         using PA = core::MixturePrior<Real, true>;
         using PS = core::MixturePrior<Real, false>;
         if (a) return run_grad(data, kl, key, loc, rho, A, BC, PA(pi.data(), s1.data(), s2.data()), kw, workers, out);
@@ -281,10 +331,14 @@ void def_bbb(py::module_& m) {
       py::arg("A").noconvert(), py::arg("B_or_C").noconvert(), py::arg("pi").noconvert(), py::arg("sigma1").noconvert(),
       py::arg("sigma2").noconvert(), py::arg("kl_weight"), py::arg("workers"), py::kw_only(),
       py::arg("out_loc").noconvert() = py::none(), py::arg("out_rho").noconvert() = py::none(),
-      py::arg("accumulate") = false, py::arg("compute_kl") = true,
+      py::arg("accumulate") = false, py::arg("compute_kl") = true, py::arg("adam_state") = py::none(),
+      py::arg("adam") = py::none(),
       "Fused backward pass of a Bayes-by-Backprop layer, scale-mixture prior: (grad_loc, grad_rho, kl, finite).\n"
       "With out_loc / out_rho the gradients go there (added to them with accumulate=True); with\n"
-      "compute_kl=False the KL value is not formed (returned as 0.0; bbb_noise_kl gives it).");
+      "compute_kl=False the KL value is not formed (returned as 0.0; bbb_noise_kl gives it).  With\n"
+      "adam_state=(m_loc, v_loc, m_rho, v_rho) and adam=(step, lr, b1, b2, eps) the gradients also take an\n"
+      "Adam step on loc and rho in the same pass (blocks with non-finite gradients are left alone); the\n"
+      "gradients are then returned only into out_loc / out_rho, else as None.");
   m.def(
       "adam_update",
       [](carray<Real> p, carray<Real> g, carray<Real> mm, carray<Real> v, std::int64_t step, double lr, double b1,

@@ -67,7 +67,12 @@ class LayerGrads(NamedTuple):
 
 
 class TrainingError(ValueError):
-    """Training stopped on a non-finite loss or gradient; the message names the layer and the step."""
+    """Training stopped on a non-finite loss or gradient; the message names the layer and the step.
+
+    A non-finite loss stops the step before any update.  A non-finite gradient is found while
+    the layers take their fused Adam steps (one sample, no clipping): the layers above the named
+    one have then taken theirs, and in the named layer every block of 1024 parameters whose
+    gradient is finite has too; no non-finite value is ever written into the parameters."""
 
 
 def _derive_keys(base: int, step: int, sample: int, n: int) -> List[int]:
@@ -264,9 +269,12 @@ class BayesianLinear:
         """
         return self._backward(grad_out, kl_weight, kl)
 
-    def _backward(self, grad_out, kl_weight, kl, out=None, accumulate=False, need_grad_x=True) -> LayerGrads:
+    def _backward(self, grad_out, kl_weight, kl, out=None, accumulate=False, need_grad_x=True,
+                  adam=None) -> LayerGrads:
         """backward, with the parameter gradients written to (or, with accumulate, added to) the
-        arrays ``out = (grad_loc, grad_rho)``, and grad_x skipped (None) when not needed."""
+        arrays ``out = (grad_loc, grad_rho)``, and grad_x skipped (None) when not needed.  With
+        ``adam = ((m_loc, v_loc, m_rho, v_rho), (step, lr, b1, b2, eps))`` the kernel also takes
+        the Adam step on loc and rho (the gradients are then None unless ``out`` is given)."""
         if self._cache is None:
             raise ValueError("backward needs a forward(x, sample=True) first")
         G = np.ascontiguousarray(grad_out, dtype=self.dtype)
@@ -302,6 +310,8 @@ class BayesianLinear:
                 self._mm(G, M, out=grad_x, accumulate=True)
             data = "direct"
         kw = {} if out is None else {"out_loc": out[0], "out_rho": out[1], "accumulate": accumulate}
+        if adam is not None:  # the fused Adam step: (m_loc, v_loc, m_rho, v_rho), (step, lr, b1, b2, eps)
+            kw["adam_state"], kw["adam"] = adam
         gl, gr, klv, finite = self._kernel(data, kl, key, self.loc, self.rho, A, BC, *self._prior_params, kl_weight,
                                            self.workers, **kw)
         self._last_finite = finite
@@ -394,11 +404,11 @@ class BayesianMLP:
         self._theta = np.zeros(2 * self._n_weights + (1 if learn_noise else 0), self.dtype)
         self._grad = np.zeros_like(self._theta)
         self.layers: List[BayesianLinear] = []
-        self._grad_views = []  # each layer's (grad_loc, grad_rho) slices of self._grad
+        self._param_slices = []  # each layer's (loc, rho) slices of the flat parameter vector
         off = 0
         for i, n in enumerate(counts):
-            views = (self._theta[off:off + n], self._theta[self._n_weights + off:self._n_weights + off + n])
-            self._grad_views.append((self._grad[off:off + n], self._grad[self._n_weights + off:self._n_weights + off + n]))
+            self._param_slices.append((slice(off, off + n), slice(self._n_weights + off, self._n_weights + off + n)))
+            views = tuple(self._theta[sl] for sl in self._param_slices[-1])
             self.layers.append(BayesianLinear(sizes[i], sizes[i + 1], prior=prior, estimator=estimator,
                                               dtype=self.dtype, init_rho=init_rho, rng=gen, params=views,
                                               workers=self.workers))
@@ -451,9 +461,12 @@ class BayesianMLP:
         g_log_sigma = float(r.size - np.sum(r * r)) if self._learn_noise else 0.0
         return nll, (r / sigma).astype(self.dtype, copy=False), g_log_sigma
 
-    def _step_grad(self, xb, yb, kl_weight, step):
+    def _step_grad(self, xb, yb, kl_weight, step, adam=None):
         """Average over num_samples of the gradient of kl_weight KL + sum NLL; fills self._grad.
-        The layers write their gradients straight into self._grad's slices."""
+        The layers write their gradients straight into self._grad's slices.  With ``adam =
+        (m, v, (step, lr, b1, b2, eps))`` (one sample only) each layer's kernel takes the Adam
+        step on its parameters instead, while the gradient is in cache; only the learned noise
+        scale's gradient, if any, is left in self._grad[-1]."""
         nll_tot = kl_tot = 0.0
         L = len(self.layers)
         if self._learn_noise:
@@ -465,8 +478,14 @@ class BayesianMLP:
             if not np.isfinite(nll):
                 raise TrainingError(f"non-finite loss at step {step}: {self._first_bad_layer(xb, keys)}")
             for i in range(L - 1, -1, -1):
-                res = self.layers[i]._backward(g, kl_weight, self.kl, out=self._grad_views[i], accumulate=s > 0,
-                                               need_grad_x=i > 0)
+                sl, sr = self._param_slices[i]
+                if adam is None:
+                    res = self.layers[i]._backward(g, kl_weight, self.kl, out=(self._grad[sl], self._grad[sr]),
+                                                   accumulate=s > 0, need_grad_x=i > 0)
+                else:
+                    m, v, hyper = adam
+                    res = self.layers[i]._backward(g, kl_weight, self.kl, need_grad_x=i > 0,
+                                                   adam=((m[sl], v[sl], m[sr], v[sr]), hyper))
                 if not self.layers[i]._last_finite:
                     raise TrainingError(f"non-finite gradient in layer {i} at step {step}")
                 kl_tot += res.kl
@@ -614,18 +633,26 @@ class BayesianMLP:
                                    num_steps=None if shuffle == "shuffle" else epochs * M,
                                    rng=data_seed, start_step=start_epoch * M)
         step, m, v = self._opt_state
+        # the fused path (Adam inside each layer's backward kernel) needs the whole gradient of a
+        # step from one pass: one sample and no clipping by the global norm
+        fused = self.num_samples == 1 and clip_norm is None
         t0 = time.perf_counter()
         sums = [0.0, 0.0, 0]
         for batch in stream:
             i = batch.step % M
             xb, yb = X[batch.indices], y[batch.indices]
-            nll, klv = self._step_grad(xb, yb, float(kl_w[i]), step)
-            if clip_norm is not None:
-                norm = float(np.sqrt(np.dot(self._grad.astype(np.float64), self._grad.astype(np.float64))))
-                if norm > clip_norm:
-                    self._grad *= self.dtype.type(clip_norm / norm)
-            _core.adam_update(self._theta, self._grad, m, v, step, float(schedule(step)), 0.9, 0.999, 1e-8,
-                              self.workers)
+            hyper = (step, float(schedule(step)), 0.9, 0.999, 1e-8)
+            if fused:  # one sample, no clipping: each layer's kernel takes its Adam step
+                nll, klv = self._step_grad(xb, yb, float(kl_w[i]), step, adam=(m, v, hyper))
+                if self._learn_noise:
+                    _core.adam_update(self._theta[-1:], self._grad[-1:], m[-1:], v[-1:], *hyper, 1)
+            else:
+                nll, klv = self._step_grad(xb, yb, float(kl_w[i]), step)
+                if clip_norm is not None:
+                    norm = float(np.sqrt(np.dot(self._grad.astype(np.float64), self._grad.astype(np.float64))))
+                    if norm > clip_norm:
+                        self._grad *= self.dtype.type(clip_norm / norm)
+                _core.adam_update(self._theta, self._grad, m, v, *hyper, self.workers)
             step += 1
             sums[0] += nll
             sums[1] += klv

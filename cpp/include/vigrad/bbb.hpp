@@ -107,6 +107,46 @@ double bbb_noise_kl(std::uint64_t key, const Real* loc, const Real* rho, std::in
   return kl;
 }
 
+// One Adam step (Kingma & Ba, with bias correction), the arithmetic of vg.optim.adam:
+//   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
+//   p -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps),  t = step + 1.
+template <class Real>
+struct AdamStep {
+  Real bc1, bc2, b1, b2, lr, one_b1, one_b2, eps;
+  AdamStep(std::int64_t step, double lr_, double b1_, double b2_, double eps_) {
+    const double t = static_cast<double>(step + 1);
+    bc1 = static_cast<Real>(1.0 - std::pow(b1_, t));
+    bc2 = static_cast<Real>(1.0 - std::pow(b2_, t));
+    b1 = static_cast<Real>(b1_);
+    b2 = static_cast<Real>(b2_);
+    lr = static_cast<Real>(lr_);
+    one_b1 = static_cast<Real>(1.0 - b1_);
+    one_b2 = static_cast<Real>(1.0 - b2_);
+    eps = static_cast<Real>(eps_);
+  }
+  // p, m, v[0, n) updated in place with the gradient g.  The scalars are copied to locals first:
+  // read through `this`, they are Real objects the stores to p, m, v might alias, and gcc reloaded
+  // them every iteration and did not vectorise (6x slower).
+  void apply(Real* p, const Real* g, Real* m, Real* v, std::int64_t n) const {
+    const Real c1 = bc1, c2 = bc2, rb1 = b1, rb2 = b2, rlr = lr, ob1 = one_b1, ob2 = one_b2, re = eps;
+    for (std::int64_t j = 0; j < n; ++j) {
+      const Real gj = g[j];
+      const Real mj = rb1 * m[j] + ob1 * gj;
+      const Real vj = rb2 * v[j] + ob2 * (gj * gj);
+      m[j] = mj;
+      v[j] = vj;
+      p[j] = p[j] - rlr * (mj / c1) / (std::sqrt(vj / c2) + re);
+    }
+  }
+};
+
+// bbb_grad's optional fused Adam step on the layer's own (loc, rho) with their moments.
+template <class Real>
+struct AdamTarget {
+  Real *loc, *rho, *m_loc, *v_loc, *m_rho, *v_rho;
+  AdamStep<Real> step;
+};
+
 // The fused backward pass (see the file comment).  Per element, with sg = sigmoid(rho):
 //   dF/dloc = A + kl_weight dKL/dloc,   dF/drho = (C + kl_weight dKL/dsigma) sg
 //   MC:       dKL/dloc = -gp(w),  dKL/dsigma = -gp(w) eps - 1/sigma,  w = loc + sigma eps
@@ -115,10 +155,13 @@ double bbb_noise_kl(std::uint64_t key, const Real* loc, const Real* rho, std::in
 // With `accumulate` the gradients are added to grad_loc / grad_rho instead of written there.
 // `work`: num_blocks(D) doubles.
 // WantKL = false: the KL value is not formed (returns 0): the caller has it from bbb_noise_kl.
+// With `adam` the block's gradients also take an Adam step on (loc, rho) right away, while they
+// are in cache (a separate pass re-read 4 parameter-sized arrays); a block whose gradients are
+// not all finite is left alone.  grad_loc / grad_rho may then be null (not written).
 template <DataGrad DG, KLPart KP, class Real, class Prior, bool WantKL = true>
 double bbb_grad(std::uint64_t key, const Real* loc, const Real* rho, const Real* A, const Real* BC, std::int64_t D,
                 const Prior& prior, double kl_weight, Real* grad_loc, Real* grad_rho, bool accumulate, double* work,
-                bool* finite, int workers) {
+                bool* finite, int workers, const AdamTarget<Real>* adam = nullptr) {
   const PhiloxKey k = make_key(key);
   const Real kw = static_cast<Real>(kl_weight);
   std::atomic<bool> bad{false};
@@ -166,12 +209,17 @@ double bbb_grad(std::uint64_t key, const Real* loc, const Real* rho, const Real*
     if (accumulate) {
       for (std::int64_t i = 0; i < m; ++i) grad_loc[j0 + i] += out_l[i];
       for (std::int64_t i = 0; i < m; ++i) grad_rho[j0 + i] += out_r[i];
-    } else {
+    } else if (grad_loc) {
       std::copy(out_l, out_l + m, grad_loc + j0);
       std::copy(out_r, out_r + m, grad_rho + j0);
     }
     work[b] = WantKL ? lane_sum(kl_terms, m) : 0.0;
-    if (!(all_finite(out_l, m) && all_finite(out_r, m))) bad.store(true, std::memory_order_relaxed);
+    const bool ok = all_finite(out_l, m) && all_finite(out_r, m);
+    if (!ok) bad.store(true, std::memory_order_relaxed);
+    if (adam && ok) {
+      adam->step.apply(adam->loc + j0, out_l, adam->m_loc + j0, adam->v_loc + j0, m);
+      adam->step.apply(adam->rho + j0, out_r, adam->m_rho + j0, adam->v_rho + j0, m);
+    }
   });
   double kl = 0.0;
   for (std::int64_t b = 0; b < num_blocks(D); ++b) kl += work[b];
@@ -179,28 +227,14 @@ double bbb_grad(std::uint64_t key, const Real* loc, const Real* rho, const Real*
   return kl;
 }
 
-// One Adam step in place (Kingma & Ba, with bias correction), the arithmetic of vg.optim.adam:
-//   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
-//   p -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps),  t = step + 1.
+// One Adam step in place over n parameters (AdamStep).
 template <class Real>
 void adam_update(Real* p, const Real* g, Real* m, Real* v, std::int64_t n, std::int64_t step, double lr,
                  double b1, double b2, double eps, int workers) {
-  const double t = static_cast<double>(step + 1);
-  const Real bc1 = static_cast<Real>(1.0 - std::pow(b1, t)), bc2 = static_cast<Real>(1.0 - std::pow(b2, t));
-  const Real rb1 = static_cast<Real>(b1), rb2 = static_cast<Real>(b2), rlr = static_cast<Real>(lr);
-  const Real one_b1 = static_cast<Real>(1.0 - b1), one_b2 = static_cast<Real>(1.0 - b2), reps = static_cast<Real>(eps);
-  // captured by value: captured by reference, the scalars are Real objects the stores to p, m
-  // and v might alias, so gcc reloaded them every iteration and did not vectorise (6x slower)
+  const AdamStep<Real> st(step, lr, b1, b2, eps);
   parallel_for_blocks(num_blocks(n), workers_for(n * 8, workers), [=](std::int64_t b) {
     const std::int64_t j0 = b * kBlock, j1 = std::min(n, j0 + kBlock);
-    for (std::int64_t j = j0; j < j1; ++j) {
-      const Real gj = g[j];
-      const Real mj = rb1 * m[j] + one_b1 * gj;
-      const Real vj = rb2 * v[j] + one_b2 * (gj * gj);
-      m[j] = mj;
-      v[j] = vj;
-      p[j] = p[j] - rlr * (mj / bc1) / (std::sqrt(vj / bc2) + reps);
-    }
+    st.apply(p + j0, g + j0, m + j0, v + j0, j1 - j0);
   });
 }
 

@@ -409,10 +409,35 @@ def _bbb_grad(data, kl, key, loc, rho, A, B_or_C, prior_lp_grad, kl_weight, anal
     return gl, gr, klv, finite
 
 
-def _write_out(result, out_loc, out_rho, accumulate, compute_kl):
-    """The core's out_loc / out_rho / accumulate / compute_kl conventions."""
+_BLOCK = 1024  # the core's block: a fused Adam step skips a block with a non-finite gradient
+
+
+def _fused_adam(loc, rho, gl, gr, adam_state, adam, accumulate):
+    if (adam_state is None) != (adam is None):
+        raise ValueError("adam_state and adam must be given together")
+    if accumulate:
+        raise ValueError("accumulate=True cannot be combined with a fused Adam step")
+    if len(adam_state) != 4:
+        raise ValueError(f"adam_state must be (m_loc, v_loc, m_rho, v_rho), got {len(adam_state)} items")
+    if len(adam) != 5:
+        raise ValueError(f"adam must be (step, lr, b1, b2, eps), got {len(adam)} items")
+    m_loc, v_loc, m_rho, v_rho = adam_state
+    step, lr, b1, b2, eps = adam
+    for b0 in range(0, loc.shape[0], _BLOCK):
+        sl = slice(b0, b0 + _BLOCK)
+        if np.isfinite(gl[sl]).all() and np.isfinite(gr[sl]).all():
+            adam_update(loc[sl], gl[sl], m_loc[sl], v_loc[sl], step, lr, b1, b2, eps, 1)
+            adam_update(rho[sl], gr[sl], m_rho[sl], v_rho[sl], step, lr, b1, b2, eps, 1)
+
+
+def _write_out(result, out_loc, out_rho, accumulate, compute_kl, loc=None, rho=None, adam_state=None, adam=None):
+    """The core's out_loc / out_rho / accumulate / compute_kl / fused-Adam conventions."""
     if not compute_kl:
         result = (result[0], result[1], 0.0, result[3])
+    if adam_state is not None or adam is not None:
+        _fused_adam(loc, rho, result[0], result[1], adam_state, adam, accumulate)
+        if out_loc is None and out_rho is None:
+            return None, None, result[2], result[3]
     if (out_loc is None) != (out_rho is None):
         raise ValueError("out_loc and out_rho must be given together")
     if out_loc is None:
@@ -433,7 +458,8 @@ def _write_out(result, out_loc, out_rho, accumulate, compute_kl):
 
 
 def bbb_grad_normal(data, kl, key, loc, rho, A, B_or_C, prior_loc, prior_scale, kl_weight, workers, *,
-                    out_loc=None, out_rho=None, accumulate=False, compute_kl=True):
+                    out_loc=None, out_rho=None, accumulate=False, compute_kl=True, adam_state=None,
+                    adam=None):
     """Fused backward pass of a Bayes-by-Backprop layer with a Normal prior: (grad_loc, grad_rho, kl, finite).
     With out_loc / out_rho the gradients go there (added to them with accumulate=True); with
     compute_kl=False the KL value is returned as 0.0."""
@@ -441,11 +467,12 @@ def bbb_grad_normal(data, kl, key, loc, rho, A, B_or_C, prior_loc, prior_scale, 
     with np.errstate(all="ignore"):
         res = _bbb_grad(data, kl, key, loc, rho, A, B_or_C, lambda w: (_normal_lp(w, m, s), -(w - m) / s**2),
                         kl_weight, (m, s))
-    return _write_out(res, out_loc, out_rho, accumulate, compute_kl)
+    return _write_out(res, out_loc, out_rho, accumulate, compute_kl, loc, rho, adam_state, adam)
 
 
 def bbb_grad_mixture(data, kl, key, loc, rho, A, B_or_C, pi, sigma1, sigma2, kl_weight, workers, *,
-                     out_loc=None, out_rho=None, accumulate=False, compute_kl=True):
+                     out_loc=None, out_rho=None, accumulate=False, compute_kl=True, adam_state=None,
+                     adam=None):
     """Fused backward pass of a Bayes-by-Backprop layer with the scale-mixture prior.
     With out_loc / out_rho the gradients go there (added to them with accumulate=True); with
     compute_kl=False the KL value is returned as 0.0."""
@@ -454,7 +481,7 @@ def bbb_grad_mixture(data, kl, key, loc, rho, A, B_or_C, pi, sigma1, sigma2, kl_
     p, s1, s2 = _f64(pi), _f64(sigma1), _f64(sigma2)
     with np.errstate(all="ignore"):
         res = _bbb_grad(data, kl, key, loc, rho, A, B_or_C, lambda w: _mixture_parts(w, p, s1, s2), kl_weight)
-    return _write_out(res, out_loc, out_rho, accumulate, compute_kl)
+    return _write_out(res, out_loc, out_rho, accumulate, compute_kl, loc, rho, adam_state, adam)
 
 
 def _bbb_noise_kl(use, kl, key, loc, rho, out, prior_lp, analytic_prior=None):
