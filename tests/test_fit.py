@@ -248,3 +248,36 @@ def test_a_stationary_point_that_is_not_a_maximum_falls_back_with_a_warning():
         res = vg.fit(log_joint, np.zeros(1), rng=0)
     assert res.diagnostics["map"]["laplace_cov"] is None
     assert abs(res.q.mean[0]) < 2.5 and 0.3 < res.q.scale[0] < 2.5
+
+
+def test_a_z_the_log_joint_keeps_is_never_overwritten():
+    """vg.fit reuses its (S, d) work arrays between steps, but not one the log joint still holds."""
+    kept = []
+
+    def log_joint(z):
+        kept.append((z, z.copy()))
+        return -0.5 * np.sum(z * z, axis=1), -z
+
+    vg.fit(log_joint, np.zeros(3), rng=0, num_steps=40, map_init=False, psis_samples=0, eval_every=20)
+    assert len(kept) > 40
+    for z, snapshot in kept:
+        np.testing.assert_array_equal(z, snapshot)
+
+
+def test_reused_work_arrays_give_the_same_fit_as_fresh_ones():
+    """The same seed gives the same bits whether the log joint keeps its z (fresh arrays every
+    step) or not (the work arrays reused)."""
+    def lj(z):
+        return -0.5 * np.sum((z - 1.0) ** 2, axis=1), -(z - 1.0)
+
+    kept = []
+
+    def lj_keeping(z):
+        kept.append(z)
+        return lj(z)
+
+    for map_init in (False, True):
+        a = vg.fit(lj, np.zeros(4), rng=3, num_steps=60, map_init=map_init, psis_samples=0, eval_every=20)
+        b = vg.fit(lj_keeping, np.zeros(4), rng=3, num_steps=60, map_init=map_init, psis_samples=0, eval_every=20)
+        np.testing.assert_array_equal(a.losses, b.losses)
+        np.testing.assert_array_equal(a.q.loc, b.q.loc)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import numpy as np
 
+from . import _core
 from . import diagnostics as _diag
 from . import mapfit as _mapfit
 from . import optim as _optim
@@ -65,6 +66,23 @@ class FitError(ValueError):
 
 # -- the log joint ------------------------------------------------------------------------------
 
+class _Reuse:
+    """Work arrays reused from step to step (a fresh (S, d) array is page-faulted in at every
+    step: at d = 10^5, S = 8, that doubled the time of the sampling), unless something else
+    still holds one, e.g. a log_joint that kept its z: then that one is left alone and a new
+    array takes its place."""
+
+    def __init__(self):
+        self.bufs = {}
+
+    def get(self, name, shape, dtype):
+        buf = self.bufs.get(name)
+        # the references of an unused buffer: the dict's, `buf`'s and getrefcount's argument
+        if buf is None or buf.shape != shape or buf.dtype != dtype or sys.getrefcount(buf) > 3:
+            buf = self.bufs[name] = np.empty(shape, dtype)
+        return buf
+
+
 class _Target:
     """log_joint with its output checked, in whitened coordinates z = m + T x."""
 
@@ -72,13 +90,18 @@ class _Target:
         self.log_joint, self.d = log_joint, d
         self.shift, self.T, self.kind = shift, T, kind  # kind: None, "diag" or "tril"
         self.step = -1
+        self.pool = None  # a _Reuse for z while vg.fit runs
 
     def to_z(self, x):
         if self.kind is None:
             return x
+        z = np.empty(x.shape) if self.pool is None else self.pool.get("z", x.shape, np.dtype(np.float64))
         if self.kind == "diag":
-            return self.shift + x * self.T
-        return self.shift + x @ self.T.T
+            np.multiply(x, self.T, out=z)
+        else:
+            np.matmul(x, self.T.T, out=z)
+        z += self.shift
+        return z
 
     def check_grads(self, grads, where="step"):
         """Raise naming the step, sample and element of the first non-finite gradient."""
@@ -411,9 +434,15 @@ def fit(log_joint: Callable, init, *, family: str = "meanfield", rank: Optional[
 
     def run(q0, lr_value, steps, record):
         """Adam from q0 for up to `steps` steps; returns (q_avg, losses, converged, trace, snr, steps_done)."""
-        opt = _optim.adam(lr_value)
-        params = tuple(np.array(p, dtype=np.float64) for p in q0._params())
-        state = opt.init(params)
+        # Adam in place through the core (one fused pass per block of parameters), on two sets of
+        # parameter arrays used in turn: the step writes the set qc does not hold, so that a
+        # failed step leaves qc, the last finite state, as it was
+        sets = [[np.array(p, dtype=np.float64) for p in q0._params()] for _ in range(2)]
+        params = sets[0]
+        moments = [(np.zeros(p.size), np.zeros(p.size)) for p in params]
+        pool = _Reuse()
+        target.pool = pool
+        eps_shape = (S, d + q0.rank) if isinstance(q0, LowRankGaussian) else (S, d)
         cls = type(q0)
         qc = q0
         losses = np.empty(steps)
@@ -427,7 +456,9 @@ def fit(log_joint: Callable, init, *, family: str = "meanfield", rank: Optional[
         for t in range(steps):
             target.step = t
             key = int(gen.integers(0, 2**64, dtype=np.uint64))
-            z_x, eps = qc._sample_noise(S, key, nw)
+            z_x = eps = log_p = g = grads = None  # last step's references: their buffers can be reused
+            z_x, eps = qc._sample_noise(S, key, nw, out=(pool.get("x", (S, d), qc.dtype),
+                                                         pool.get("eps", eps_shape, qc.dtype)))
             try:
                 # the (S, d) gradients are checked only when the family's gradients (smaller, and
                 # non-finite whenever an input is) come out non-finite: one pass less per step
@@ -445,9 +476,15 @@ def fit(log_joint: Callable, init, *, family: str = "meanfield", rank: Optional[
                 raise FitError(f"vg.fit diverged at step {t}: the -ELBO or its gradient is not finite",
                                t, _partial(qc, losses[:t], trace))
             losses[t] = loss
+            lr_t = float(lr_value(t)) if callable(lr_value) else lr_value
+            new = sets[(t + 1) % 2]
+            for p_new, p, gb, (m, v) in zip(new, params, grads, moments):
+                np.copyto(p_new, p)
+                gb = np.ascontiguousarray(gb, dtype=np.float64).reshape(-1)
+                _core.adam_update(p_new.reshape(-1), gb, m, v, t, lr_t, 0.9, 0.999, 1e-8, nw)
+            params = new
             try:
-                params, state = opt.update(grads, state, params)
-                q_next = cls._from_params(params)
+                q_next = cls._from_params(tuple(p.view() for p in params))
             except ValueError as exc:
                 raise FitError(f"vg.fit diverged at step {t}: {exc}", t, _partial(qc, losses[:t], trace)) from None
             qc = q_next

@@ -235,10 +235,9 @@ class MeanFieldGaussian:
             return cls(loc, rho)
         return self
 
-    def _sample_noise(self, S, key, workers):
+    def _sample_noise(self, S, key, workers, out=None):
         d = self.size
-        w = np.empty((S, d), dtype=self.dtype)
-        eps = np.empty((S, d), dtype=self.dtype)
+        w, eps = out if out is not None else (np.empty((S, d), dtype=self.dtype), np.empty((S, d), dtype=self.dtype))
         _core.sample(key, self._loc.reshape(-1), self._scale.reshape(-1), w, eps, workers)
         return w, eps
 

@@ -156,10 +156,9 @@ class FullRankGaussian:
     def _from_params(cls, params):
         return cls(*params)
 
-    def _sample_noise(self, S, key, workers):
+    def _sample_noise(self, S, key, workers, out=None):
         d = self.size
-        z = np.empty((S, d), self.dtype)
-        eps = np.empty((S, d), self.dtype)
+        z, eps = out if out is not None else (np.empty((S, d), self.dtype), np.empty((S, d), self.dtype))
         _core.fullrank_sample(key, self._loc, self._L, z, eps, workers)
         return z, eps
 
@@ -269,10 +268,9 @@ class LowRankGaussian:
     def _from_params(cls, params):
         return cls(*params)
 
-    def _sample_noise(self, S, key, workers):
+    def _sample_noise(self, S, key, workers, out=None):
         d, r = self.size, self.rank
-        z = np.empty((S, d), self.dtype)
-        eps = np.empty((S, d + r), self.dtype)
+        z, eps = out if out is not None else (np.empty((S, d), self.dtype), np.empty((S, d + r), self.dtype))
         _core.lowrank_sample(key, self._loc, self._diag, self._U, z, eps, workers)
         return z, eps
 
