@@ -1,6 +1,7 @@
 """The package surface: version and build facts, the contract's names, the demo."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -103,6 +104,9 @@ def test_python_m_vigrad_demo_runs():
     assert "step    300/300" in out.stdout and "fitted" in out.stdout and "exact" in out.stdout
     info = subprocess.run([sys.executable, "-m", "vigrad", "info"], capture_output=True, text=True, timeout=120)
     assert info.returncode == 0 and '"instruction_set"' in info.stdout
+    from vigrad import _blas
+
+    assert json.loads(info.stdout)["blas_on_vigrad_threads"] == _blas.name()
     bad = subprocess.run([sys.executable, "-m", "vigrad", "demo", "--steps", "0"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode != 0 and "--steps" in bad.stderr

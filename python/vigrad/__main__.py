@@ -33,7 +33,10 @@ def main(argv=None) -> int:
     import vigrad as vg
 
     if args.command == "info":
-        print(json.dumps({"version": vg.__version__, "max_workers": vg.max_workers, **vg.build_info}, indent=2))
+        from . import _blas
+
+        print(json.dumps({"version": vg.__version__, "max_workers": vg.max_workers, **vg.build_info,
+                          "blas_on_vigrad_threads": _blas.name()}, indent=2))
         return 0
     if args.steps < 1 or args.samples < 1 or args.dim < 1 or not args.lr > 0:
         parser.error("--steps, --samples and --dim must be >= 1 and --lr > 0")
