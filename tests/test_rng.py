@@ -74,3 +74,17 @@ def test_float32_draws_are_not_float64_draws_rounded():
     _core.standard_normal(3, a, 1)
     _core.standard_normal(3, b, 1)
     assert not np.allclose(a, b.astype(np.float32))
+
+
+@pytest.mark.parametrize("D", [1, 63, 64, 65, 1024, 2500])
+def test_bbb_noise_draws_are_those_of_sample(D, dtype):
+    """The BBB kernels' row-0 fast path draws exactly the normals of the general one: with loc = 0
+    (so no multiply-add to fuse) bbb_noise equals sample with scale = softplus(rho), bit for bit."""
+    rho = np.random.default_rng(D).normal(size=D).astype(dtype)
+    zeros = np.zeros(D, dtype)
+    w, eps = np.empty((1, D), dtype), np.empty((1, D), dtype)
+    _core.sample(77, zeros, _core.softplus(rho, 1), w, eps, 1)
+    for use, want in (("weights", w[0]), ("perturbation", w[0])):
+        got = np.empty(D, dtype)
+        _core.bbb_noise(use, 77, zeros, rho, got, 2)
+        np.testing.assert_array_equal(got, want)

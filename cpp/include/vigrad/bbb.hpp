@@ -25,11 +25,19 @@
 namespace vigrad::core {
 
 // buf[i] = draw (key, 0, j0 + i) for i < m; j0 must be a multiple of the draws per counter.
+// The same draws as for_each_normal, without its general (s, j) walk (which cost as much as
+// Philox and Box-Muller together: 0.81 against 0.46 ms per 478k floats; now 0.49).
 template <class Real>
-inline void normals_row0(PhiloxKey key, std::int64_t D, std::int64_t j0, std::int64_t m, Real* buf) {
+inline void normals_row0(PhiloxKey key, std::int64_t j0, std::int64_t m, Real* buf) {
   constexpr int P = NormalTraits<Real>::per_counter;
-  const std::int64_t f0 = j0 / P, f1 = (j0 + m + P - 1) / P;
-  for_each_normal<Real>(key, D, f0, f1, [&](std::int64_t, std::int64_t j, Real z) { buf[j - j0] = z; });
+  const std::int64_t f0 = j0 / P;
+  std::int64_t i = 0;
+  for (; i + kLanes * P <= m; i += kLanes * P) normal_lanes_row0(key, static_cast<std::uint64_t>(f0 + i / P), buf + i);
+  if (i < m) {
+    alignas(64) Real z[kLanes * P];
+    normal_lanes_row0(key, static_cast<std::uint64_t>(f0 + i / P), z);
+    std::copy(z, z + (m - i), buf + i);
+  }
 }
 
 enum class NoiseUse { kWeights, kPerturbation, kNone };
@@ -44,7 +52,7 @@ void bbb_noise(std::uint64_t key, const Real* loc, const Real* rho, std::int64_t
   parallel_for_blocks(num_blocks(D), workers_for(D * 64, workers), [=](std::int64_t b) {
     const std::int64_t j0 = b * kBlock, m = std::min(D - j0, kBlock);
     alignas(64) Real eps[kBlock];
-    normals_row0(k, D, j0, m, eps);
+    normals_row0(k, j0, m, eps);
     for (std::int64_t i = 0; i < m; ++i) {
       const Real s = softplus(rho[j0 + i]) * eps[i];
       if constexpr (Use == NoiseUse::kWeights) out[j0 + i] = loc[j0 + i] + s;
@@ -82,7 +90,7 @@ double bbb_noise_kl(std::uint64_t key, const Real* loc, const Real* rho, std::in
     alignas(64) Real eps[kBlock];
     alignas(64) double kl_terms[kBlock];
     const Prior pr = prior;
-    normals_row0(k, D, j0, m, eps);
+    normals_row0(k, j0, m, eps);
     for (std::int64_t i = 0; i < m; ++i) {
       const std::int64_t j = j0 + i;
       const Real sigma = softplus(rho[j]);
@@ -177,7 +185,7 @@ double bbb_grad(std::uint64_t key, const Real* loc, const Real* rho, const Real*
     // the prior's (scalar) members alone, and would neither hoist their loads nor vectorise
     const Prior pr = prior;
     constexpr bool need_eps = DG != DataGrad::kDirect || KP == KLPart::kMC;
-    if constexpr (need_eps) normals_row0(k, D, j0, m, eps);
+    if constexpr (need_eps) normals_row0(k, j0, m, eps);
     for (std::int64_t i = 0; i < m; ++i) {
       const std::int64_t j = j0 + i;
       Real sigma, sg;
