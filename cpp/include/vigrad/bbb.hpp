@@ -25,17 +25,16 @@
 namespace vigrad::core {
 
 // buf[i] = draw (key, 0, j0 + i) for i < m; j0 must be a multiple of the draws per counter.
-// The same draws as for_each_normal, without its general (s, j) walk (which cost as much as
-// Philox and Box-Muller together: 0.81 against 0.46 ms per 478k floats; now 0.49).
+// Straight into buf, without for_each_normal_run's row bookkeeping.
 template <class Real>
 inline void normals_row0(PhiloxKey key, std::int64_t j0, std::int64_t m, Real* buf) {
   constexpr int P = NormalTraits<Real>::per_counter;
   const std::int64_t f0 = j0 / P;
   std::int64_t i = 0;
-  for (; i + kLanes * P <= m; i += kLanes * P) normal_lanes_row0(key, static_cast<std::uint64_t>(f0 + i / P), buf + i);
+  for (; i + kLanes * P <= m; i += kLanes * P) normal_lanes_row(key, 0, static_cast<std::uint64_t>(f0 + i / P), buf + i);
   if (i < m) {
     alignas(64) Real z[kLanes * P];
-    normal_lanes_row0(key, static_cast<std::uint64_t>(f0 + i / P), z);
+    normal_lanes_row(key, 0, static_cast<std::uint64_t>(f0 + i / P), z);
     std::copy(z, z + (m - i), buf + i);
   }
 }

@@ -22,7 +22,9 @@ void standard_normal(std::uint64_t key, std::int64_t S, std::int64_t D, Real* ou
   const std::int64_t total = S * ((D + P - 1) / P);
   parallel_for_blocks(num_blocks(total, kCounterBlock), workers_for(total * 64, workers), [&](std::int64_t b) {
     const std::int64_t f0 = b * kCounterBlock, f1 = std::min(total, f0 + kCounterBlock);
-    for_each_normal<Real>(k, D, f0, f1, [&](std::int64_t s, std::int64_t j, Real z) { out[s * D + j] = z; });
+    for_each_normal_run<Real>(k, D, f0, f1, [&](std::int64_t s, std::int64_t j0, std::int64_t m, const Real* z) {
+      std::copy(z, z + m, out + s * D + j0);
+    });
   });
 }
 
@@ -38,13 +40,18 @@ void sample(std::uint64_t key, const Real* loc, const Real* scale, std::int64_t 
   parallel_for_blocks(num_blocks(total, kCounterBlock), workers_for(total * 64, workers), [&](std::int64_t b) {
     const std::int64_t f0 = b * kCounterBlock, f1 = std::min(total, f0 + kCounterBlock);
     if (eps_out) {
-      for_each_normal<Real>(k, D, f0, f1, [&](std::int64_t s, std::int64_t j, Real z) {
-        eps_out[s * D + j] = z;
-        w[s * D + j] = loc[j] + scale[j] * z;
+      for_each_normal_run<Real>(k, D, f0, f1, [&](std::int64_t s, std::int64_t j0, std::int64_t m, const Real* z) {
+        Real* e = eps_out + s * D + j0;
+        Real* o = w + s * D + j0;
+        const Real *l = loc + j0, *sc = scale + j0;
+        for (std::int64_t i = 0; i < m; ++i) e[i] = z[i];
+        for (std::int64_t i = 0; i < m; ++i) o[i] = l[i] + sc[i] * z[i];
       });
     } else {
-      for_each_normal<Real>(k, D, f0, f1, [&](std::int64_t s, std::int64_t j, Real z) {
-        w[s * D + j] = loc[j] + scale[j] * z;
+      for_each_normal_run<Real>(k, D, f0, f1, [&](std::int64_t s, std::int64_t j0, std::int64_t m, const Real* z) {
+        Real* o = w + s * D + j0;
+        const Real *l = loc + j0, *sc = scale + j0;
+        for (std::int64_t i = 0; i < m; ++i) o[i] = l[i] + sc[i] * z[i];
       });
     }
   });
