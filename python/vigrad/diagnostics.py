@@ -71,15 +71,17 @@ def _gpd_fit_sorted(x: np.ndarray) -> tuple[float, float]:
     quartile = x[int(n / 4 + 0.5) - 1]
     if not (quartile > 0 and x[-1] > 0):
         return math.nan, math.nan
-    theta = 1.0 - np.sqrt(m / (np.arange(1, m + 1, dtype=np.float64) - 0.5))
-    theta /= _PRIOR_BS * quartile
-    theta += 1.0 / x[-1]
-    # k(theta_j) = mean(log1p(-theta_j x)), in blocks of grid points of at most ~8 MB
-    k_grid = np.empty(m)
-    block = max(1, (1 << 20) // n)
-    for j in range(0, m, block):
-        k_grid[j:j + block] = np.log1p(-theta[j:j + block, None] * x[None, :]).mean(axis=1)
+    # a tiny quartile (a nearly degenerate tail) overflows theta: the fit then breaks down below
+    # and returns nan, so the floating-point warnings on the way are not the caller's business
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        theta = 1.0 - np.sqrt(m / (np.arange(1, m + 1, dtype=np.float64) - 0.5))
+        theta /= _PRIOR_BS * quartile
+        theta += 1.0 / x[-1]
+        # k(theta_j) = mean(log1p(-theta_j x)), in blocks of grid points of at most ~8 MB
+        k_grid = np.empty(m)
+        block = max(1, (1 << 20) // n)
+        for j in range(0, m, block):
+            k_grid[j:j + block] = np.log1p(-theta[j:j + block, None] * x[None, :]).mean(axis=1)
         # n times the profile log likelihood at each grid point
         len_scale = n * (np.log(-(theta / k_grid)) - k_grid - 1.0)
         # w_j = 1 / sum_i exp(l_i - l_j): the normalised likelihoods, without overflow
