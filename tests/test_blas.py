@@ -103,3 +103,21 @@ def test_numpy_fallback_in_a_fresh_process():
 def test_registered_blas_is_numpys_openblas():
     assert "openblas" in _blas.name().lower() and _core._blas_name() == _blas.name()
     assert vg.BayesianMLP([3, 2], rng=0).workers == vg.max_workers
+
+
+@needs_blas
+def test_numpys_openblas_is_chosen_even_when_scipys_loaded_first():
+    """SciPy's wheel bundles another OpenBLAS; whichever loaded first, vigrad uses NumPy's (else the
+    last bits of a training run would depend on import order)."""
+    pytest.importorskip("scipy.linalg")
+    code = (
+        "import scipy.linalg, numpy as np\n"
+        "scipy.linalg.solve(np.eye(3), np.ones(3))\n"
+        "from vigrad import _blas\n"
+        "print(_blas.name())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    libs = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+    assert out.stdout.strip() in os.listdir(libs)
+    assert out.stdout.strip() == _blas.name()

@@ -8,12 +8,12 @@ products itself (``_core.gemm``): the same OpenMP team as the elementwise passes
 calling OpenBLAS single-threaded (``openblas_set_num_threads_local``, OpenBLAS >= 0.3.27) on
 fixed row chunks of the output, so the result does not depend on the thread count.
 
-Nothing is linked at build time: :func:`available` looks for an OpenBLAS that is already loaded
-in the process (NumPy's wheels bundle one, e.g. ``libscipy_openblas64_``), takes the addresses of
+Nothing is linked at build time: :func:`available` looks for the OpenBLAS NumPy's wheel bundles,
+already loaded in the process (e.g. ``numpy.libs/libscipy_openblas64_-*.so``), takes the addresses of
 ``cblas_sgemm`` / ``cblas_dgemm`` (with the wheel's symbol prefix and suffix) and registers them
 with the core.  Where there is none (NumPy built on MKL or Accelerate, another OS, an OpenBLAS
-without the thread-local setter) or ``VIGRAD_BLAS=numpy`` is set, :func:`available` is False
-and the callers use NumPy's matmul with one vigrad thread.
+without the thread-local setter, a NumPy not from a wheel) or ``VIGRAD_BLAS=numpy`` is set,
+:func:`available` is False and the callers use NumPy's matmul with one vigrad thread.
 """
 
 from __future__ import annotations
@@ -35,15 +35,20 @@ _state: dict = {}
 
 
 def _loaded_openblas_paths():
-    """Shared libraries with 'openblas' in their name mapped into this process (Linux)."""
+    """NumPy's own OpenBLAS, if loaded: a library with 'openblas' in its name in the directory of
+    libraries NumPy's wheel bundles (``numpy.libs``).  Only that one: SciPy's wheel bundles another
+    OpenBLAS, and which of the two was found first would otherwise depend on import order, and the
+    last bits of the products with it."""
+    libs_dir = os.path.realpath(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs"))
     paths = []
     try:
         with open("/proc/self/maps") as fh:
             for line in fh:
                 parts = line.split()
-                if len(parts) >= 6 and "openblas" in os.path.basename(parts[5]).lower():
-                    if parts[5] not in paths:
-                        paths.append(parts[5])
+                if len(parts) < 6 or "openblas" not in os.path.basename(parts[5]).lower():
+                    continue
+                if os.path.dirname(os.path.realpath(parts[5])) == libs_dir and parts[5] not in paths:
+                    paths.append(parts[5])
     except OSError:
         pass
     return paths
