@@ -88,3 +88,21 @@ def test_bbb_noise_draws_are_those_of_sample(D, dtype):
         got = np.empty(D, dtype)
         _core.bbb_noise(use, 77, zeros, rho, got, 2)
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("S,D", [(700, 3), (40000, 3), (20000, 7), (9, 129), (600, 129), (80, 2047), (300, 513)])
+def test_draws_for_short_and_long_rows_any_threads(S, D, dtype):
+    """Rows shorter than 64 counters go through the cross-row lanes, longer ones row by row: both
+    give the reference's draws, and the same bits for any thread count (the larger shapes have
+    enough counters, >= 2^15, for the work to be split)."""
+    outs = []
+    for workers in (1, 2, 3):
+        out = np.empty((S, D), dtype)
+        _core.standard_normal(31, out, workers)
+        outs.append(out)
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+    want = np.empty((S, D), dtype)
+    ref.standard_normal(31, want, 1)
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(outs[0], want, rtol=rtol, atol=rtol * 10)

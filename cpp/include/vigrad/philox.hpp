@@ -120,27 +120,73 @@ template <class Real>
   }
 }
 
+// The draws of kLanes counters given word by word (lane l: c0[l], c1[l], c2[l], c3[l]), in lane
+// order: draw k of lane l at z[l * P + k].  A call, for the same reason as normal_lanes_row.
+template <class Real>
+[[gnu::noinline]] void normal_lanes_ctr(PhiloxKey key, const std::uint32_t* c0, const std::uint32_t* c1,
+                                        const std::uint32_t* c2, const std::uint32_t* c3, Real* __restrict z) {
+  constexpr int P = NormalTraits<Real>::per_counter;
+  for (int l = 0; l < kLanes; ++l) {
+    std::uint32_t x0 = c0[l], x1 = c1[l], x2 = c2[l], x3 = c3[l];
+    philox4x32_10(x0, x1, x2, x3, key.k0, key.k1);
+    box_muller(x0, x1, x2, x3, z + l * P);
+  }
+}
+
 // The draws of the flat counter range [f_begin, f_end) (f = s * C + c, C counters per row of D
 // elements), handed out in runs of consecutive elements of one row: emit(s, j0, m, z) with the
 // draw (s, j0 + i) at z[i], i < m.  Draws past the end of a row are dropped.
+//
+// Long rows go kLanes counters of one row at a time (normal_lanes_row: 1.6-1.9x faster than
+// the lane-by-lane bookkeeping below), wasting at most kLanes - 1 counters at a row's end; short
+// rows (C < 4 kLanes) go kLanes consecutive counters across row ends, which wastes nothing (a
+// row of D = 3 doubles needs 2 counters, not 16).
 template <class Real, class Emit>
 inline void for_each_normal_run(PhiloxKey key, std::int64_t D, std::int64_t f_begin, std::int64_t f_end,
                                 Emit&& emit) {
   constexpr int P = NormalTraits<Real>::per_counter;
   const std::int64_t C = (D + P - 1) / P;
   alignas(64) Real z[kLanes * P];
-  for (std::int64_t f = f_begin; f < f_end;) {
-    const std::int64_t s = f / C, c = f % C;
-    const std::int64_t c_stop = (C - c < f_end - f) ? C : c + (f_end - f);  // this row's part of the range
-    for (std::int64_t cc = c; cc < c_stop; cc += kLanes) {
-      normal_lanes_row(key, static_cast<std::uint64_t>(s), static_cast<std::uint64_t>(cc), z);
-      const std::int64_t j0 = cc * P;
-      std::int64_t m = (c_stop - cc) * P;
-      if (m > kLanes * P) m = kLanes * P;
-      if (m > D - j0) m = D - j0;
-      emit(s, j0, m, static_cast<const Real*>(z));
+  if (C >= 4 * kLanes) {
+    for (std::int64_t f = f_begin; f < f_end;) {
+      const std::int64_t s = f / C, c = f % C;
+      const std::int64_t c_stop = (C - c < f_end - f) ? C : c + (f_end - f);  // this row's part of the range
+      for (std::int64_t cc = c; cc < c_stop; cc += kLanes) {
+        normal_lanes_row(key, static_cast<std::uint64_t>(s), static_cast<std::uint64_t>(cc), z);
+        const std::int64_t j0 = cc * P;
+        std::int64_t m = (c_stop - cc) * P;
+        if (m > kLanes * P) m = kLanes * P;
+        if (m > D - j0) m = D - j0;
+        emit(s, j0, m, static_cast<const Real*>(z));
+      }
+      f += c_stop - c;
     }
-    f += c_stop - c;
+    return;
+  }
+  alignas(64) std::uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+  std::int64_t rs[kLanes], rc[kLanes];
+  std::int64_t s = f_begin / C, c = f_begin % C;
+  for (std::int64_t f = f_begin; f < f_end; f += kLanes) {
+    const int n = static_cast<int>(f_end - f < kLanes ? f_end - f : kLanes);
+    for (int l = 0; l < kLanes; ++l) {
+      // lanes past n repeat the last counter: computed, then dropped
+      rs[l] = s;
+      rc[l] = c;
+      c0[l] = static_cast<std::uint32_t>(c);
+      c1[l] = static_cast<std::uint32_t>(static_cast<std::uint64_t>(c) >> 32);
+      c2[l] = static_cast<std::uint32_t>(s);
+      c3[l] = static_cast<std::uint32_t>(static_cast<std::uint64_t>(s) >> 32);
+      if (l + 1 < n && ++c == C) { c = 0; ++s; }
+    }
+    normal_lanes_ctr(key, c0, c1, c2, c3, z);
+    for (int l = 0; l < n;) {  // one run per row among the n lanes
+      int l1 = l + 1;
+      while (l1 < n && rs[l1] == rs[l]) ++l1;
+      const std::int64_t j0 = rc[l] * P, j1 = rc[l1 - 1] * P + P;
+      emit(rs[l], j0, (j1 < D ? j1 : D) - j0, static_cast<const Real*>(z + l * P));
+      l = l1;
+    }
+    if (++c == C) { c = 0; ++s; }  // the first counter of the next chunk
   }
 }
 
