@@ -281,3 +281,16 @@ def test_reused_work_arrays_give_the_same_fit_as_fresh_ones():
         b = vg.fit(lj_keeping, np.zeros(4), rng=3, num_steps=60, map_init=map_init, psis_samples=0, eval_every=20)
         np.testing.assert_array_equal(a.losses, b.losses)
         np.testing.assert_array_equal(a.q.loc, b.q.loc)
+
+
+@pytest.mark.parametrize("schedule,exc,match", [
+    (lambda t: -0.05, ValueError, "finite value >= 0"),
+    (lambda t: float("nan"), ValueError, "finite value >= 0"),
+    (lambda t: "0.1", TypeError, "real number"),
+])
+def test_a_bad_lr_schedule_value_is_an_error(schedule, exc, match):
+    def lj(z):
+        return -0.5 * np.sum(z * z, axis=1), -z
+
+    with pytest.raises(exc, match=match):
+        vg.fit(lj, np.zeros(2), rng=0, num_steps=20, lr=schedule, map_init=False, psis_samples=0)

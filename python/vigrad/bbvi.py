@@ -76,10 +76,14 @@ class _Reuse:
         self.bufs = {}
 
     def get(self, name, shape, dtype):
-        buf = self.bufs.get(name)
-        # the references of an unused buffer: the dict's, `buf`'s and getrefcount's argument
-        if buf is None or buf.shape != shape or buf.dtype != dtype or sys.getrefcount(buf) > 3:
-            buf = self.bufs[name] = np.empty(shape, dtype)
+        buf, unused = self.bufs.get(name, (None, 0))
+        # reused only when its reference count is what it was right after it was made, counted at
+        # this same place (so the count does not depend on how the interpreter passes locals)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or sys.getrefcount(buf) > unused:
+            buf = np.empty(shape, dtype)
+            self.bufs[name] = (buf, 0)
+            unused = sys.getrefcount(buf)  # a statement of its own, like the check above
+            self.bufs[name] = (buf, unused)
         return buf
 
 
@@ -90,7 +94,7 @@ class _Target:
         self.log_joint, self.d = log_joint, d
         self.shift, self.T, self.kind = shift, T, kind  # kind: None, "diag" or "tril"
         self.step = -1
-        self.pool = None  # a _Reuse for z while vg.fit runs
+        self.pool = None  # a _Reuse for z, set by vg.fit (also used by the PSIS draws after the fit)
 
     def to_z(self, x):
         if self.kind is None:
@@ -476,7 +480,7 @@ def fit(log_joint: Callable, init, *, family: str = "meanfield", rank: Optional[
                 raise FitError(f"vg.fit diverged at step {t}: the -ELBO or its gradient is not finite",
                                t, _partial(qc, losses[:t], trace))
             losses[t] = loss
-            lr_t = float(lr_value(t)) if callable(lr_value) else lr_value
+            lr_t = _optim._lr_at(lr_value, t) if callable(lr_value) else lr_value
             new = sets[(t + 1) % 2]
             for p_new, p, gb, (m, v) in zip(new, params, grads, moments):
                 np.copyto(p_new, p)

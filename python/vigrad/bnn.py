@@ -641,7 +641,7 @@ class BayesianMLP:
         for batch in stream:
             i = batch.step % M
             xb, yb = X[batch.indices], y[batch.indices]
-            hyper = (step, float(schedule(step)), 0.9, 0.999, 1e-8)
+            hyper = (step, _optim._lr_at(schedule, step), 0.9, 0.999, 1e-8)
             if fused:  # one sample, no clipping: each layer's kernel takes its Adam step
                 nll, klv = self._step_grad(xb, yb, float(kl_w[i]), step, adam=(m, v, hyper))
                 if self._learn_noise:
