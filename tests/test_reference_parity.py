@@ -333,3 +333,41 @@ def test_bbb_grad_fused_adam_errors():
     args[3].flags.writeable = False
     with pytest.raises(ValueError, match="writeable loc"):
         _core.bbb_grad_normal(*args, 1.0, 1, adam_state=st, adam=hyper)
+
+
+def test_bbb_grad_fused_adam_checks_its_hyperparameters_and_overlaps():
+    D = 10
+    args = list(_bbb_args(D, np.float64, "times_eps", "normal"))
+    st = tuple(np.zeros(D) for _ in range(4))
+    for hyper, exc, match in [((0, 1e-3, 1.0, 0.999, 1e-8), ValueError, "b1 must be in"),
+                              ((0, 1e-3, 0.9, -0.1, 1e-8), ValueError, "b2 must be in"),
+                              ((0, float("nan"), 0.9, 0.999, 1e-8), ValueError, "lr must be finite"),
+                              ((0, -1e-3, 0.9, 0.999, 1e-8), ValueError, "lr must be finite"),
+                              ((0, 1e-3, 0.9, 0.999, 0.0), ValueError, "eps must be"),
+                              ((-1, 1e-3, 0.9, 0.999, 1e-8), ValueError, "step must be >= 0"),
+                              ((1.5, 1e-3, 0.9, 0.999, 1e-8), TypeError, "step must be an int"),
+                              ((0, "x", 0.9, 0.999, 1e-8), TypeError, "lr must be a real")]:
+        with pytest.raises(exc, match=match):
+            _core.bbb_grad_normal(*args, 1.0, 1, adam_state=st, adam=hyper)
+    hyper = (0, 1e-3, 0.9, 0.999, 1e-8)
+    loc = args[3]
+    with pytest.raises(ValueError, match="out_rho must not overlap"):
+        _core.bbb_grad_normal(*args, 1.0, 1, adam_state=st, adam=hyper, out_loc=np.zeros(D), out_rho=st[1])
+    with pytest.raises(ValueError, match="A must not overlap"):
+        _core.bbb_grad_normal(*args[:5], loc, *args[6:], 1.0, 1, adam_state=st, adam=hyper)
+    with pytest.raises(ValueError, match="B_or_C must not overlap"):
+        _core.bbb_grad_normal(*args[:6], st[2], *args[7:], 1.0, 1, adam_state=st, adam=hyper)
+    np.testing.assert_array_equal(st[0], 0.0)  # nothing was written
+
+
+@pytest.mark.parametrize("impl", ["core", "reference"])
+def test_bbb_grad_compute_kl_false_for_every_kl_mode(impl, dtype):
+    mod = _core if impl == "core" else ref
+    args = list(_bbb_args(100, dtype, "reparam", "normal"))
+    for kl in ("mc", "analytic"):
+        args[1] = kl
+        gl, gr, klv, fin = mod.bbb_grad_normal(*args, 0.5, 2)
+        gl2, gr2, kl2, fin2 = mod.bbb_grad_normal(*args, 0.5, 2, compute_kl=False)
+        assert klv != 0.0 and kl2 == 0.0 and fin2 == fin
+        np.testing.assert_array_equal(gl2, gl)
+        np.testing.assert_array_equal(gr2, gr)

@@ -1,4 +1,5 @@
 // Bindings: Bayes-by-Backprop layer passes and the fused Adam step.
+#include <cmath>
 #include <string>
 
 #include "pybind.hpp"
@@ -40,8 +41,13 @@ double dispatch_kl(core::KLPart kp, std::uint64_t key, const Real* l, const Real
     case core::KLPart::kAnalytic:
       if constexpr (std::is_same_v<Prior, core::NormalPrior<Real, false>> ||
                     std::is_same_v<Prior, core::NormalPrior<Real, true>>)
+      {
+        if (!want_kl)
+          return core::bbb_grad<DG, core::KLPart::kAnalytic, Real, Prior, false>(key, l, r, A, BC, D, prior, kw, gl,
+                                                                                  gr, acc, work, finite, workers, adam);
         return core::bbb_grad<DG, core::KLPart::kAnalytic>(key, l, r, A, BC, D, prior, kw, gl, gr, acc, work,
                                                            finite, workers, adam);
+      }
       break;
   }
   throw std::logic_error("analytic KL needs a Normal prior");
@@ -60,7 +66,8 @@ struct GradOut {
 
 // The fused Adam step's arrays and constants, checked; loc and rho are updated in place.
 template <class Real>
-core::AdamTarget<Real> adam_target(const GradOut<Real>& out, const carray<Real>& loc, const carray<Real>& rho) {
+core::AdamTarget<Real> adam_target(const GradOut<Real>& out, const carray<Real>& loc, const carray<Real>& rho,
+                                   const carray<Real>& A, const std::optional<carray<Real>>& BC) {
   if (out.adam_state.has_value() != out.adam.has_value())
     throw py::value_error("adam_state and adam must be given together");
   if (out.accumulate) throw py::value_error("accumulate=True cannot be combined with a fused Adam step");
@@ -81,17 +88,44 @@ core::AdamTarget<Real> adam_target(const GradOut<Real>& out, const carray<Real>&
     require_shape(st.back(), {D}, names[i], "(D,) like loc");
     if (!st.back().writeable()) throw py::value_error(std::string(names[i]) + " must be writeable");
   }
-  const py::array* all[] = {&loc, &rho, &st[0], &st[1], &st[2], &st[3]};
+  // the arrays the step writes must not overlap each other or anything the pass reads: a block
+  // would read another block's updated values, and the result would depend on the thread count
+  const py::array* written[] = {&loc, &rho, &st[0], &st[1], &st[2], &st[3]};
   for (int i = 0; i < 6; ++i)
     for (int j = i + 1; j < 6; ++j)
-      if (overlaps(*all[i], *all[j])) throw py::value_error("loc, rho and adam_state's arrays must not overlap");
+      if (overlaps(*written[i], *written[j]))
+        throw py::value_error("loc, rho and adam_state's arrays must not overlap");
+  std::vector<std::pair<const char*, const py::array*>> others{{"A", &A}};
+  if (BC) others.emplace_back("B_or_C", &*BC);
+  if (out.loc) others.emplace_back("out_loc", &*out.loc);
+  if (out.rho) others.emplace_back("out_rho", &*out.rho);
+  for (const auto& [name, o] : others)
+    for (const py::array* w : written)
+      if (overlaps(*o, *w))
+        throw py::value_error(std::string(name) + " must not overlap loc, rho or adam_state's arrays");
   if (!loc.writeable() || !rho.writeable()) throw py::value_error("a fused Adam step needs writeable loc and rho");
   const auto& a = *out.adam;
+  if (!py::isinstance<py::int_>(a[0]) || py::isinstance<py::bool_>(a[0]))
+    throw py::type_error("adam step must be an int, got " + std::string(py::str(py::type::of(a[0]).attr("__name__"))));
   const auto step = py::cast<std::int64_t>(a[0]);
   if (step < 0) throw py::value_error("adam step must be >= 0, got " + std::to_string(step));
+  double h[4];
+  const char* hn[] = {"lr", "b1", "b2", "eps"};
+  for (int i = 0; i < 4; ++i) {
+    py::handle v = a[i + 1];
+    if (!py::isinstance<py::float_>(v) && !py::isinstance<py::int_>(v))
+      throw py::type_error(std::string("adam ") + hn[i] + " must be a real number");
+    h[i] = py::cast<double>(v);
+  }
+  if (!(std::isfinite(h[0]) && h[0] >= 0.0))
+    throw py::value_error("adam lr must be finite and >= 0, got " + std::to_string(h[0]));
+  for (int i = 1; i < 3; ++i)
+    if (!(h[i] >= 0.0 && h[i] < 1.0))
+      throw py::value_error(std::string("adam ") + hn[i] + " must be in [0, 1), got " + std::to_string(h[i]));
+  if (!(std::isfinite(h[3]) && h[3] > 0.0))
+    throw py::value_error("adam eps must be finite and > 0, got " + std::to_string(h[3]));
   carray<Real> lw = loc, rw = rho;  // handles, for mutable_data
-  const core::AdamStep<Real> hyper(step, py::cast<double>(a[1]), py::cast<double>(a[2]), py::cast<double>(a[3]),
-                                   py::cast<double>(a[4]));
+  const core::AdamStep<Real> hyper(step, h[0], h[1], h[2], h[3]);
   return core::AdamTarget<Real>{lw.mutable_data(), rw.mutable_data(), st[0].mutable_data(), st[1].mutable_data(),
                                 st[2].mutable_data(), st[3].mutable_data(), hyper};
 }
@@ -128,7 +162,7 @@ py::tuple run_grad(const std::string& data, const std::string& kl, std::uint64_t
     gr = carray<Real>(D);
   }
   std::optional<core::AdamTarget<Real>> adam;
-  if (out.adam || out.adam_state) adam = adam_target(out, loc, rho);
+  if (out.adam || out.adam_state) adam = adam_target(out, loc, rho, A, BC);
   std::vector<double> work(static_cast<std::size_t>(core::num_blocks(D)));
   const Real *l = loc.data(), *r = rho.data(), *a = A.data(), *bc = BC ? BC->data() : nullptr;
   const bool have_out = out.loc || !adam;

@@ -114,6 +114,9 @@ void def_gemm(py::module_& m) {
           if (beta == 0.0) std::fill(c, c + M * N, Real(0));
           return;
         }
+        constexpr std::int64_t int_max = 2147483647;
+        if (!b.ilp64 && (M > int_max || N > int_max || K > int_max))
+          throw py::value_error("the registered BLAS takes 32-bit sizes; a dimension is larger than 2^31 - 1");
         py::gil_scoped_release release;
         if (b.ilp64)
           gemm_rows<std::int64_t, Real>(fn, trans_a, trans_b, M, N, K, a, bp, Real(beta), c, workers,

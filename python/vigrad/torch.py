@@ -258,7 +258,8 @@ class _Spec(NamedTuple):
 
 def _work(spec, name, n, dtype):
     """A persistent 1-D work tensor of the layer (a fresh megabyte-sized one per backward is
-    page-faulted in every time)."""
+    page-faulted in every time).  Per module: two threads running backward through the same
+    module at once would share it (as they would share the module's parameters' gradients)."""
     buf = spec.buffers.get(name)
     if buf is None or buf.shape[0] != n or buf.dtype != dtype:
         buf = spec.buffers[name] = torch.empty(n, dtype=dtype)

@@ -1,7 +1,7 @@
 // Bayes by Backprop layers: the elementwise work of a training step, fused.
 //
 // A layer's parameters are one flat vector (weights then biases) with a mean-field
-// Gaussian q: w = loc + softplus(rho) * eps.  The matrix products run in BLAS (NumPy);
+// Gaussian q: w = loc + softplus(rho) * eps.  The matrix products run in BLAS (bind_blas.cpp);
 // here are the passes over the parameters:
 //   forward:  w = loc + sigma eps                    (reparameterisation)
 //             dw = sigma eps                         (Flipout's shared perturbation)
@@ -47,6 +47,7 @@ enum class NoiseUse { kWeights, kPerturbation, kNone };
 // taken: 3.6x slower.
 template <NoiseUse Use, class Real>
 void bbb_noise(std::uint64_t key, const Real* loc, const Real* rho, std::int64_t D, Real* out, int workers) {
+  static_assert(Use != NoiseUse::kNone, "bbb_noise writes weights or a perturbation (bbb_noise_kl: kNone)");
   const PhiloxKey k = make_key(key);
   parallel_for_blocks(num_blocks(D), workers_for(D * 64, workers), [=](std::int64_t b) {
     const std::int64_t j0 = b * kBlock, m = std::min(D - j0, kBlock);

@@ -432,22 +432,21 @@ def _fused_adam(loc, rho, gl, gr, adam_state, adam, accumulate):
 
 def _write_out(result, out_loc, out_rho, accumulate, compute_kl, loc=None, rho=None, adam_state=None, adam=None):
     """The core's out_loc / out_rho / accumulate / compute_kl / fused-Adam conventions."""
-    if not compute_kl:
-        result = (result[0], result[1], 0.0, result[3])
-    if adam_state is not None or adam is not None:
-        _fused_adam(loc, rho, result[0], result[1], adam_state, adam, accumulate)
-        if out_loc is None and out_rho is None:
-            return None, None, result[2], result[3]
+    gl, gr, klv, finite = result
+    if not compute_kl:  # the KL value is not formed: neither it nor its finiteness counts
+        klv, finite = 0.0, bool(np.isfinite(gl).all() and np.isfinite(gr).all())
     if (out_loc is None) != (out_rho is None):
         raise ValueError("out_loc and out_rho must be given together")
+    for name, o in (("out_loc", out_loc), ("out_rho", out_rho)):
+        if o is not None and o.shape != gl.shape:
+            raise ValueError(f"{name} must have shape (D,) like loc, got {o.shape}")
+    fused = adam_state is not None or adam is not None
+    if fused:
+        _fused_adam(loc, rho, gl, gr, adam_state, adam, accumulate)
     if out_loc is None:
         if accumulate:
             raise ValueError("accumulate=True needs out_loc and out_rho")
-        return result
-    gl, gr, klv, finite = result
-    for name, o in (("out_loc", out_loc), ("out_rho", out_rho)):
-        if o.shape != gl.shape:
-            raise ValueError(f"{name} must have shape (D,) like loc, got {o.shape}")
+        return (None, None, klv, finite) if fused else (gl, gr, klv, finite)
     if accumulate:
         out_loc += gl
         out_rho += gr
