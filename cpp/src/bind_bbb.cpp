@@ -268,8 +268,11 @@ void def_bbb(py::module_& m) {
         const Real *l = loc.data(), *r = rho.data();
         Real* o = out.mutable_data();
         py::gil_scoped_release release;
-        if (weights) core::bbb_noise<core::NoiseUse::kWeights>(key, l, r, D, o, workers);
-        else core::bbb_noise<core::NoiseUse::kPerturbation>(key, l, r, D, o, workers);
+        using Flat = core::FlatPrior<Real>;
+        if (weights) core::bbb_noise_kl<core::NoiseUse::kWeights, core::KLPart::kNone>(key, l, r, D, Flat{}, o,
+                                                                                        nullptr, workers);
+        else core::bbb_noise_kl<core::NoiseUse::kPerturbation, core::KLPart::kNone>(key, l, r, D, Flat{}, o, nullptr,
+                                                                                    workers);
       },
       py::arg("use"), py::arg("key"), py::arg("loc").noconvert(), py::arg("rho").noconvert(),
       py::arg("out").noconvert(), py::arg("workers"),

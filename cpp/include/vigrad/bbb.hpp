@@ -21,6 +21,7 @@
 #include "math.hpp"
 #include "parallel.hpp"
 #include "philox.hpp"
+#include "priors.hpp"
 
 namespace vigrad::core {
 
@@ -41,26 +42,6 @@ inline void normals_row0(PhiloxKey key, std::int64_t j0, std::int64_t m, Real* b
 
 enum class NoiseUse { kWeights, kPerturbation, kNone };
 
-// out = loc + softplus(rho) eps (kWeights) or softplus(rho) eps (kPerturbation), eps = draws (key, 0, j).
-// `Use` is a template parameter: a run-time switch read inside the loop (through the lambda's
-// captured reference) made gcc version the loop on aliasing, and the vector version was never
-// taken: 3.6x slower.
-template <NoiseUse Use, class Real>
-void bbb_noise(std::uint64_t key, const Real* loc, const Real* rho, std::int64_t D, Real* out, int workers) {
-  static_assert(Use != NoiseUse::kNone, "bbb_noise writes weights or a perturbation (bbb_noise_kl: kNone)");
-  const PhiloxKey k = make_key(key);
-  parallel_for_blocks(num_blocks(D), workers_for(D * 64, workers), [=](std::int64_t b) {
-    const std::int64_t j0 = b * kBlock, m = std::min(D - j0, kBlock);
-    alignas(64) Real eps[kBlock];
-    normals_row0(k, j0, m, eps);
-    for (std::int64_t i = 0; i < m; ++i) {
-      const Real s = softplus(rho[j0 + i]) * eps[i];
-      if constexpr (Use == NoiseUse::kWeights) out[j0 + i] = loc[j0 + i] + s;
-      else out[j0 + i] = s;
-    }
-  });
-}
-
 enum class DataGrad { kReparam, kTimesEps, kDirect };
 enum class KLPart { kNone, kMC, kAnalytic };
 
@@ -78,9 +59,13 @@ inline double analytic_kl_term(Real ps, Real inv_ps2, Real dm, Real sigma) {
                              Real(0.5));
 }
 
-// bbb_noise and the layer's KL value in one pass (the KL bbb_grad computes, bit for bit, from
-// the same key): out as bbb_noise for Use = kWeights / kPerturbation, nothing written for kNone.
-// `work`: num_blocks(D) doubles.
+// The weight noise and the layer's KL value in one pass, eps = draws (key, 0, j):
+//   out = loc + softplus(rho) eps (Use = kWeights), softplus(rho) eps (kPerturbation), or
+//   nothing (kNone);  returns the KL value bbb_grad computes from the same key (bit for bit
+//   where both form w = loc + sigma eps alike), 0 for KP = kNone.
+// `Use` is a template parameter: a run-time switch read inside the loop (through the lambda's
+// captured reference) made gcc version the loop on aliasing, and the vector version was never
+// taken: 3.6x slower.  `work`: num_blocks(D) doubles (unused, may be null, for KP = kNone).
 template <NoiseUse Use, KLPart KP, class Real, class Prior>
 double bbb_noise_kl(std::uint64_t key, const Real* loc, const Real* rho, std::int64_t D, const Prior& prior,
                     Real* out, double* work, int workers) {
@@ -88,7 +73,7 @@ double bbb_noise_kl(std::uint64_t key, const Real* loc, const Real* rho, std::in
   parallel_for_blocks(num_blocks(D), workers_for(D * 64, workers), [=](std::int64_t b) {
     const std::int64_t j0 = b * kBlock, m = std::min(D - j0, kBlock);
     alignas(64) Real eps[kBlock];
-    alignas(64) double kl_terms[kBlock];
+    alignas(64) double kl_terms[KP == KLPart::kNone ? 1 : kBlock];
     const Prior pr = prior;
     normals_row0(k, j0, m, eps);
     for (std::int64_t i = 0; i < m; ++i) {
@@ -97,21 +82,20 @@ double bbb_noise_kl(std::uint64_t key, const Real* loc, const Real* rho, std::in
       const Real w = loc[j] + sigma * eps[i];
       if constexpr (Use == NoiseUse::kWeights) out[j] = w;
       else if constexpr (Use == NoiseUse::kPerturbation) out[j] = sigma * eps[i];
-      double klv = 0.0;
       if constexpr (KP == KLPart::kMC) {
         Real lp, gp;
         pr.eval(j, w, lp, gp);
-        klv = mc_kl_term(eps[i], lp, sigma);
+        kl_terms[i] = mc_kl_term(eps[i], lp, sigma);
       } else if constexpr (KP == KLPart::kAnalytic) {
         const Real pm = pr.loc(j), ps = pr.scale(j);
-        klv = analytic_kl_term(ps, Real(1) / (ps * ps), loc[j] - pm, sigma);
+        kl_terms[i] = analytic_kl_term(ps, Real(1) / (ps * ps), loc[j] - pm, sigma);
       }
-      kl_terms[i] = klv;
     }
-    work[b] = lane_sum(kl_terms, m);
+    if constexpr (KP != KLPart::kNone) work[b] = lane_sum(kl_terms, m);
   });
   double kl = 0.0;
-  for (std::int64_t b = 0; b < num_blocks(D); ++b) kl += work[b];
+  if constexpr (KP != KLPart::kNone)
+    for (std::int64_t b = 0; b < num_blocks(D); ++b) kl += work[b];
   return kl;
 }
 

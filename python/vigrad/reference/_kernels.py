@@ -370,9 +370,7 @@ def bbb_noise(use, key, loc, rho, out, workers):
     """out = loc + softplus(rho) eps ('weights') or softplus(rho) eps ('perturbation'), eps = draws (key, 0, j)."""
     if use not in ("weights", "perturbation"):
         raise ValueError(f"use must be 'weights' or 'perturbation', got {use!r}")
-    eps = _normals(int(key), 1, loc.shape[0], loc.dtype)[0].astype(np.float64)
-    sigma = np.logaddexp(0.0, _f64(rho))
-    out[...] = (_f64(loc) if use == "weights" else 0.0) + sigma * eps
+    _bbb_noise_kl(use, "none", key, loc, rho, out, None)
 
 
 def _bbb_grad(data, kl, key, loc, rho, A, B_or_C, prior_lp_grad, kl_weight, analytic_prior=None):
