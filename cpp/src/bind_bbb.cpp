@@ -252,6 +252,14 @@ void check_lr(const carray<Real>& loc, const carray<Real>& rho, const carray<Rea
   require_shape(A, {D}, "A", "(D,) like loc");
 }
 
+// The keyword options of bbb_grad_normal / bbb_grad_mixture, for both docstrings.
+constexpr const char* kGradOptionsDoc =
+    "With out_loc / out_rho the gradients go there (added to them with accumulate=True); with\n"
+    "compute_kl=False the KL value is not formed (returned as 0.0; bbb_noise_kl gives it).  With\n"
+    "adam_state=(m_loc, v_loc, m_rho, v_rho) and adam=(step, lr, b1, b2, eps) the gradients also take an\n"
+    "Adam step on loc and rho in the same pass (blocks with non-finite gradients are left alone); the\n"
+    "gradients are then returned only into out_loc / out_rho, else as None.";
+
 template <class Real>
 void def_bbb(py::module_& m) {
   m.def(
@@ -339,12 +347,8 @@ void def_bbb(py::module_& m) {
       py::arg("out_loc").noconvert() = py::none(), py::arg("out_rho").noconvert() = py::none(),
       py::arg("accumulate") = false, py::arg("compute_kl") = true, py::arg("adam_state") = py::none(),
       py::arg("adam") = py::none(),
-      "Fused backward pass of a Bayes-by-Backprop layer, Normal prior: (grad_loc, grad_rho, kl, finite).\n"
-      "With out_loc / out_rho the gradients go there (added to them with accumulate=True); with\n"
-      "compute_kl=False the KL value is not formed (returned as 0.0; bbb_noise_kl gives it).  With\n"
-      "adam_state=(m_loc, v_loc, m_rho, v_rho) and adam=(step, lr, b1, b2, eps) the gradients also take an\n"
-      "Adam step on loc and rho in the same pass (blocks with non-finite gradients are left alone); the\n"
-      "gradients are then returned only into out_loc / out_rho, else as None.");
+      (std::string("Fused backward pass of a Bayes-by-Backprop layer, Normal prior: (grad_loc, grad_rho, kl, "
+                   "finite).\n") + kGradOptionsDoc).c_str());
   m.def(
       "bbb_grad_mixture",
       [](const std::string& data, const std::string& kl, std::uint64_t key, carray<Real> loc, carray<Real> rho,
@@ -370,12 +374,8 @@ void def_bbb(py::module_& m) {
       py::arg("out_loc").noconvert() = py::none(), py::arg("out_rho").noconvert() = py::none(),
       py::arg("accumulate") = false, py::arg("compute_kl") = true, py::arg("adam_state") = py::none(),
       py::arg("adam") = py::none(),
-      "Fused backward pass of a Bayes-by-Backprop layer, scale-mixture prior: (grad_loc, grad_rho, kl, finite).\n"
-      "With out_loc / out_rho the gradients go there (added to them with accumulate=True); with\n"
-      "compute_kl=False the KL value is not formed (returned as 0.0; bbb_noise_kl gives it).  With\n"
-      "adam_state=(m_loc, v_loc, m_rho, v_rho) and adam=(step, lr, b1, b2, eps) the gradients also take an\n"
-      "Adam step on loc and rho in the same pass (blocks with non-finite gradients are left alone); the\n"
-      "gradients are then returned only into out_loc / out_rho, else as None.");
+      (std::string("Fused backward pass of a Bayes-by-Backprop layer, scale-mixture prior: (grad_loc, grad_rho, "
+                   "kl, finite).\n") + kGradOptionsDoc).c_str());
   m.def(
       "adam_update",
       [](carray<Real> p, carray<Real> g, carray<Real> mm, carray<Real> v, std::int64_t step, double lr, double b1,
