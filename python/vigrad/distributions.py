@@ -235,9 +235,13 @@ class MeanFieldGaussian:
             return cls(loc, rho)
         return self
 
+    def _noise_shape(self, S):
+        """The shape of the standard-normal noise behind S draws."""
+        return (S, self.size)
+
     def _sample_noise(self, S, key, workers, out=None):
         d = self.size
-        w, eps = out if out is not None else (np.empty((S, d), dtype=self.dtype), np.empty((S, d), dtype=self.dtype))
+        w, eps = out if out is not None else (np.empty((S, d), self.dtype), np.empty(self._noise_shape(S), self.dtype))
         _core.sample(key, self._loc.reshape(-1), self._scale.reshape(-1), w, eps, workers)
         return w, eps
 

@@ -156,9 +156,13 @@ class FullRankGaussian:
     def _from_params(cls, params):
         return cls(*params)
 
+    def _noise_shape(self, S):
+        """The shape of the standard-normal noise behind S draws."""
+        return (S, self.size)
+
     def _sample_noise(self, S, key, workers, out=None):
         d = self.size
-        z, eps = out if out is not None else (np.empty((S, d), self.dtype), np.empty((S, d), self.dtype))
+        z, eps = out if out is not None else (np.empty((S, d), self.dtype), np.empty(self._noise_shape(S), self.dtype))
         _core.fullrank_sample(key, self._loc, self._L, z, eps, workers)
         return z, eps
 
@@ -268,9 +272,13 @@ class LowRankGaussian:
     def _from_params(cls, params):
         return cls(*params)
 
+    def _noise_shape(self, S):
+        """The shape of the standard-normal noise behind S draws: d for the diagonal, r for the factor."""
+        return (S, self.size + self.rank)
+
     def _sample_noise(self, S, key, workers, out=None):
-        d, r = self.size, self.rank
-        z, eps = out if out is not None else (np.empty((S, d), self.dtype), np.empty((S, d + r), self.dtype))
+        d = self.size
+        z, eps = out if out is not None else (np.empty((S, d), self.dtype), np.empty(self._noise_shape(S), self.dtype))
         _core.lowrank_sample(key, self._loc, self._diag, self._U, z, eps, workers)
         return z, eps
 
