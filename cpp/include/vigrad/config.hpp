@@ -24,7 +24,8 @@
 #define VIGRAD_ISA_BEGIN inline namespace VIGRAD_ISA_NS {
 #define VIGRAD_ISA_END }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && \
+    !defined(VIGRAD_NO_LIBMVEC)
 extern "C" {
 #pragma omp declare simd notinbranch
 double log(double) noexcept;
