@@ -18,11 +18,13 @@ categorical likelihood, and trains by minibatch Adam on F_i = kl_weight_i KL - l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import sys
+import threading
 import time
 from typing import Dict, List, NamedTuple, Optional
 
@@ -163,6 +165,12 @@ class BayesianLinear:
     def num_params(self) -> int:
         return self.in_features * self.out_features + self.out_features
 
+    def __getstate__(self):
+        # copies start without the work buffers and the forward's cache
+        state = self.__dict__.copy()
+        state["_buffers"], state["_cache"] = {}, None
+        return state
+
     def _split(self, flat):
         k = self.in_features * self.out_features
         return flat[:k].reshape(self.out_features, self.in_features), flat[k:]
@@ -201,24 +209,34 @@ class BayesianLinear:
         x = np.ascontiguousarray(x, dtype=self.dtype)
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"x must have shape (batch, {self.in_features}), got {x.shape}")
+        if sample:
+            key = int(self._sign_rng.integers(0, 2**63)) if key is None else int(key)
+        return self._forward(x, key, sample)
+
+    def _forward(self, x, key, sample=True, train=True):
+        """forward on checked arguments.  train=True keeps what backward needs (the layer's one
+        cache) and writes the sampled weights into the layer's persistent buffer; train=False
+        touches no state of the layer (fresh arrays, nothing cached), so that any number of
+        threads may predict with one layer at once."""
         M, mb = self._split(self.loc)
         if not sample:
-            self._cache = None
+            if train:
+                self._cache = None
             out = self._mm(x, M, trans_b=True)
             out += mb
             return out
-        key = int(self._sign_rng.integers(0, 2**63)) if key is None else int(key)
         n = self.num_params
         if self.estimator == "reparam":
-            w = self._buffer("w", (n,))
+            w = self._buffer("w", (n,)) if train else np.empty(n, self.dtype)
             _core.bbb_noise("weights", key, self.loc, self.rho, w, self.workers)
             W, b = self._split(w)
-            self._cache = (key, x, W)
+            if train:
+                self._cache = (key, x, W)
             out = self._mm(x, W, trans_b=True)
             out += b
             return out
         if self.estimator == "flipout":
-            dw = self._buffer("w", (n,))
+            dw = self._buffer("w", (n,)) if train else np.empty(n, self.dtype)
             _core.bbb_noise("perturbation", key, self.loc, self.rho, dw, self.workers)
             dW, db = self._split(dw)
             signs = np.random.default_rng(key).integers(0, 2, size=(x.shape[0], self.in_features + self.out_features),
@@ -226,7 +244,8 @@ class BayesianLinear:
             signs = (2 * signs - 1).astype(self.dtype)
             S, R = signs[:, :self.in_features], signs[:, self.in_features:]
             xs = x * S
-            self._cache = (key, x, xs, S, R, dW, M)
+            if train:
+                self._cache = (key, x, xs, S, R, dW, M)
             pert = self._mm(xs, dW, trans_b=True)
             pert += db
             pert *= R
@@ -245,7 +264,8 @@ class BayesianLinear:
         zeta = np.empty((1, x.shape[0] * self.out_features), self.dtype)
         _core.standard_normal(key ^ 0x5DEECE66D, zeta, self.workers)
         zeta = zeta.reshape(x.shape[0], self.out_features)
-        self._cache = (key, x, x2, V, std, zeta, M)
+        if train:
+            self._cache = (key, x, x2, V, std, zeta, M)
         out = self._mm(x, M, trans_b=True)
         out += mb
         out += std * zeta
@@ -320,6 +340,51 @@ class BayesianLinear:
         return LayerGrads(grad_x, gl, gr, float(klv))
 
 
+class _Guard:
+    """Who may use a model's parameters: one training thread, or any number of threads that only
+    read them (predictions, save).  Training waits for the reads in flight and then refuses new
+    ones from other threads: their result would mix the parameters of different steps."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._trainer = None
+        self._readers = 0
+
+    @contextlib.contextmanager
+    def training(self):
+        me = threading.get_ident()
+        with self._cond:
+            if self._trainer is not None:
+                raise RuntimeError("BayesianMLP.fit is already running on this model (in another thread, or "
+                                   "re-entered); train one model from one thread at a time, or train copies "
+                                   "(copy.deepcopy(model))")
+            self._trainer = me
+            self._cond.wait_for(lambda: self._readers == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._trainer = None
+
+    @contextlib.contextmanager
+    def reading(self, what):
+        me = threading.get_ident()
+        with self._cond:
+            if self._trainer is not None and self._trainer != me:
+                raise RuntimeError(f"BayesianMLP.{what} was called while fit is training this model in another "
+                                   f"thread: the parameters change at every step; call it after fit returns, "
+                                   f"or on a copy (copy.deepcopy(model))")
+            counted = self._trainer is None  # a read inside fit (its validation, its checkpoint) is fit's own
+            self._readers += counted
+        try:
+            yield
+        finally:
+            if counted:
+                with self._cond:
+                    self._readers -= 1
+                    self._cond.notify_all()
+
+
 def _blundell_weights(M):
     """pi_i = 2^(M - i) / (2^M - 1), i = 1..M, computed without overflow."""
     i = np.arange(1, M + 1, dtype=np.float64)
@@ -356,6 +421,14 @@ class BayesianMLP:
         when vigrad can run the products on its own threads (NumPy's OpenBLAS found), else 1,
         because two thread pools on the same cores wait for each other (see
         :func:`vigrad.bnn.layer_workers`).  Results are bit-identical for any value.
+
+    Notes
+    -----
+    Threads: any number of threads may call ``predict``, ``predict_proba``, ``sample_proba`` and
+    ``save`` on one model at once, with the bits of serial calls.  ``fit`` holds the model: a
+    second ``fit`` on it, or a prediction or save from another thread while it trains, raises a
+    RuntimeError (they would see the parameters of different steps).  ``copy.deepcopy(model)``
+    gives an independent model, to train copies in parallel.
 
     Examples
     --------
@@ -416,6 +489,20 @@ class BayesianMLP:
         self._learn_noise = learn_noise
         self._opt_state = None  # (step, m, v) of the fused Adam
         self.history: Dict[str, list] = {}
+        self._guard = _Guard()
+
+    def __getstate__(self):
+        # copy.deepcopy and pickle: the guard is per object; the layers' parameter views are
+        # re-pointed into the copy's flat vector by __setstate__
+        state = self.__dict__.copy()
+        del state["_guard"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._guard = _Guard()
+        for layer, (sl, sr) in zip(self.layers, self._param_slices):
+            layer.loc, layer.rho = self._theta[sl], self._theta[sr]
 
     # -- parameters -------------------------------------------------------------------------------
     @property
@@ -435,11 +522,16 @@ class BayesianMLP:
                 f"num_samples={self.num_samples}, dtype={self.dtype})")
 
     # -- the network ---------------------------------------------------------------------------------
-    def _forward(self, x, keys=None, sample=True):
-        h = x
+    def _forward(self, x, keys=None, sample=True, train=True):
+        """The network's outputs and the ReLU masks; train=False changes no state of the layers
+        (safe from many threads at once)."""
+        h = np.ascontiguousarray(x, dtype=self.dtype)
         acts = []
         for i, layer in enumerate(self.layers):
-            h = layer.forward(h, key=None if keys is None else keys[i], sample=sample)
+            if keys is None:
+                h = layer.forward(h, sample=sample)
+            else:
+                h = layer._forward(h, keys[i], sample, train)
             if i + 1 < len(self.layers):
                 acts.append(h > 0)
                 h = np.maximum(h, 0)
@@ -502,7 +594,7 @@ class BayesianMLP:
     def _first_bad_layer(self, x, keys):
         h = x
         for i, layer in enumerate(self.layers):
-            h = layer.forward(h, key=keys[i])
+            h = layer._forward(h, keys[i], train=False)
             if not np.isfinite(h).all():
                 return f"the output of layer {i} is not finite"
             h = np.maximum(h, 0) if i + 1 < len(self.layers) else h
@@ -581,6 +673,15 @@ class BayesianMLP:
             Per-epoch lists: "loss" (F per example), "nll", "kl", and with validation data
             "val_nll" and "val_accuracy" or "val_rmse".
         """
+        with self._guard.training():
+            return self._fit(X, y, epochs=epochs, batch_size=batch_size, lr=lr, kl_weighting=kl_weighting,
+                             validation_data=validation_data, progress=progress, shuffle=shuffle,
+                             clip_norm=clip_norm, early_stopping=early_stopping, val_samples=val_samples,
+                             checkpoint=checkpoint, resume=resume)
+
+    def _fit(self, X, y, *, epochs, batch_size, lr, kl_weighting, validation_data, progress, shuffle, clip_norm,
+             early_stopping, val_samples, checkpoint, resume):
+        """fit, with the model held for training (see _Guard)."""
         X = self._check_X(X)
         y = self._check_y(y, X.shape[0])
         N = X.shape[0]
@@ -700,25 +801,29 @@ class BayesianMLP:
         return nll, float(np.sqrt(np.mean((yv2 - mean) ** 2)))
 
     # -- prediction ----------------------------------------------------------------------------------
-    def _sample_outputs(self, X, num_samples, rng):
+    def _sample_outputs(self, X, num_samples, rng, what):
         X = self._check_X(X)
         S = check_num_samples(num_samples, "num_samples")
         base = int(resolve_rng(rng).integers(0, 2**64, dtype=np.uint64)) if rng is not None else self._base_key ^ 0xA5A5
-        outs = []
-        for s in range(S):
-            f, _ = self._forward(X, _derive_keys(base, 2**61, s, len(self.layers)))
-            outs.append(f)
-        return np.stack(outs)
+        out = np.empty((S, X.shape[0], self.sizes[-1]), self.dtype)
+        with self._guard.reading(what):
+            for s in range(S):
+                out[s], _ = self._forward(X, _derive_keys(base, 2**61, s, len(self.layers)), train=False)
+            noise = self.noise_scale
+        return out, noise
 
     def predict_proba(self, X, *, num_samples=30, rng=None):
         """Classification: the Monte Carlo average of softmax over num_samples weight draws, (N, classes)."""
         if self.likelihood != "categorical":
             raise ValueError("predict_proba needs a categorical likelihood")
-        return self.sample_proba(X, num_samples=num_samples, rng=rng).mean(axis=0)
+        return self._proba(X, num_samples, rng, "predict_proba").mean(axis=0)
 
     def sample_proba(self, X, *, num_samples=30, rng=None):
         """Per-draw softmax probabilities (S, N, classes), for vg.metrics.mutual_information."""
-        f = self._sample_outputs(X, num_samples, rng).astype(np.float64)
+        return self._proba(X, num_samples, rng, "sample_proba")
+
+    def _proba(self, X, num_samples, rng, what):
+        f = self._sample_outputs(X, num_samples, rng, what)[0].astype(np.float64)
         f -= f.max(axis=2, keepdims=True)
         e = np.exp(f)
         return e / e.sum(axis=2, keepdims=True)
@@ -727,13 +832,14 @@ class BayesianMLP:
         """Regression: the predictive mean (N,) or (N, out) (and the predictive sd, which includes
         the noise); classification: the labels of the highest averaged probability."""
         if self.likelihood == "categorical":
-            return self.predict_proba(X, num_samples=num_samples, rng=rng).argmax(axis=1)
-        f = self._sample_outputs(X, num_samples, rng).astype(np.float64)
+            return self._proba(X, num_samples, rng, "predict").mean(axis=0).argmax(axis=1)
+        f, noise = self._sample_outputs(X, num_samples, rng, "predict")
+        f = f.astype(np.float64)
         mean = f.mean(axis=0)
         squeeze = self.sizes[-1] == 1
         if not return_std:
             return mean[:, 0] if squeeze else mean
-        std = np.sqrt(f.var(axis=0) + self.noise_scale**2)
+        std = np.sqrt(f.var(axis=0) + noise**2)
         return (mean[:, 0], std[:, 0]) if squeeze else (mean, std)
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -759,13 +865,14 @@ class BayesianMLP:
     def save(self, path):
         """Write the model (architecture, prior, dtype, parameters, optimiser state, history) to a
         versioned .npz with a SHA-256 checksum."""
-        meta = json.dumps(self._metadata(), sort_keys=True)
-        m, v = (self._opt_state[1], self._opt_state[2]) if self._opt_state is not None else (
-            np.zeros(0, self.dtype), np.zeros(0, self.dtype))
-        arrays = [self._theta, m, v]
-        with open(path, "wb") as fh:
-            np.savez(fh, meta=np.array(meta), theta=self._theta, adam_m=m, adam_v=v,
-                     checksum=np.array(self._checksum(meta, arrays)))
+        with self._guard.reading("save"):
+            meta = json.dumps(self._metadata(), sort_keys=True)
+            m, v = (self._opt_state[1], self._opt_state[2]) if self._opt_state is not None else (
+                np.zeros(0, self.dtype), np.zeros(0, self.dtype))
+            arrays = [self._theta, m, v]
+            with open(path, "wb") as fh:
+                np.savez(fh, meta=np.array(meta), theta=self._theta, adam_m=m, adam_v=v,
+                         checksum=np.array(self._checksum(meta, arrays)))
 
     @classmethod
     def load(cls, path) -> "BayesianMLP":
