@@ -98,3 +98,102 @@ def test_copies_train_independently_in_parallel():
     np.testing.assert_array_equal(base._theta, start)
     for c in copies:
         np.testing.assert_array_equal(c._theta, serial._theta)
+
+
+# -- 2. a diverged fit is rolled back ------------------------------------------------------------
+
+def _blow_up_at(step_ok):
+    """A learning rate that trains sanely before step `step_ok` and explodes from it on."""
+    return lambda s: 1e-2 if s < step_ok else 1e30
+
+
+@pytest.mark.parametrize("likelihood,num_samples", [("categorical", 1), ("categorical", 2), ("gaussian", 1)])
+def test_diverged_fit_rolls_back_to_the_last_finite_step(likelihood, num_samples):
+    """Steps 0..39 train (10 epochs of 4 minibatches), step 40 takes a 1e30 step, and a later
+    step overflows.  The model must come back exactly as a fit of those 10 epochs left it: the
+    oracle is a second model that ran them and stopped (num_samples=2 takes the unfused path,
+    the Gaussian likelihood learns its noise scale with its own Adam step)."""
+    X, y = _classification(n=80)
+    if likelihood == "gaussian":
+        y = X[:, 0].astype(np.float64)
+    out = 3 if likelihood == "categorical" else 1
+
+    def make():
+        return vg.BayesianMLP([6, 32, out], likelihood=likelihood, rng=4, num_samples=num_samples)
+
+    m = make()
+    with np.errstate(all="ignore"), pytest.raises(vg.bnn.TrainingError, match="rolled back to the start of step 40"
+                                                  ) as info:
+        m.fit(X, y, epochs=30, batch_size=20, lr=_blow_up_at(40))
+    assert info.value.step == 41 and info.value.restored_step == 40
+    oracle = make()
+    oracle.fit(X, y, epochs=10, batch_size=20, lr=_blow_up_at(40))
+    assert m._opt_state[0] == oracle._opt_state[0] == 40
+    np.testing.assert_array_equal(m._theta, oracle._theta)
+    np.testing.assert_array_equal(m._opt_state[1], oracle._opt_state[1])
+    np.testing.assert_array_equal(m._opt_state[2], oracle._opt_state[2])
+    # the model predicts and trains again, with the oracle's bits
+    with np.errstate(all="raise"):
+        if likelihood == "categorical":
+            np.testing.assert_array_equal(m.predict_proba(X, rng=0), oracle.predict_proba(X, rng=0))
+        m.fit(X, y, epochs=2, batch_size=20, lr=1e-3)
+        oracle.fit(X, y, epochs=2, batch_size=20, lr=1e-3)
+    np.testing.assert_array_equal(m._theta, oracle._theta)
+
+
+def test_a_fit_whose_first_step_fails_leaves_the_model_as_before():
+    X, y = _classification(n=40)
+    m = vg.BayesianMLP([6, 8, 1], likelihood="gaussian", rng=0)
+    m.fit(X, X[:, 0], epochs=2, batch_size=20)
+    theta, (step, mm, vv) = m._theta.copy(), (m._opt_state[0], m._opt_state[1].copy(), m._opt_state[2].copy())
+    with np.errstate(all="ignore"), pytest.raises(vg.bnn.TrainingError, match=r"rolled back to step 4, as before"):
+        m.fit(np.full((40, 6), 1e30), X[:, 0], epochs=1, batch_size=20)  # fits float32; the outputs overflow
+    np.testing.assert_array_equal(m._theta, theta)
+    assert m._opt_state[0] == step
+    np.testing.assert_array_equal(m._opt_state[1], mm)
+    np.testing.assert_array_equal(m._opt_state[2], vv)
+
+
+def test_an_interrupt_inside_a_fused_step_puts_the_model_back_at_its_start():
+    """A KeyboardInterrupt after the last layer took its fused Adam step and before the first
+    did (step 37, past the snapshot at step 32): the model must be the model after steps 0..36."""
+    X, y = _classification(n=80)
+    m = vg.BayesianMLP([6, 16, 16, 3], likelihood="categorical", rng=5)
+    inner = m.layers[0]._backward
+    calls = []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == 38:
+            raise KeyboardInterrupt
+        return inner(*args, **kw)
+
+    m.layers[0]._backward = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        m.fit(X, y, epochs=20, batch_size=20, lr=1e-2)
+    del m.layers[0]._backward
+    oracle = vg.BayesianMLP([6, 16, 16, 3], likelihood="categorical", rng=5)
+    oracle.fit(X, y, epochs=10, batch_size=20, lr=1e-2)  # steps 0..39
+    # steps 0..36 of that run: an oracle stopped by its schedule after step 36
+    stopper = vg.BayesianMLP([6, 16, 16, 3], likelihood="categorical", rng=5)
+
+    def lr(s):
+        if s == 37:
+            raise KeyboardInterrupt
+        return 1e-2
+
+    with pytest.raises(KeyboardInterrupt):
+        stopper.fit(X, y, epochs=20, batch_size=20, lr=lr)  # raised before step 37 writes anything
+    assert m._opt_state[0] == stopper._opt_state[0] == 37
+    np.testing.assert_array_equal(m._theta, stopper._theta)
+    assert not np.array_equal(m._theta, oracle._theta)
+
+
+def test_predictions_with_non_finite_outputs_raise():
+    X, y = _classification(n=40)
+    m = vg.BayesianMLP([6, 8, 3], likelihood="categorical", rng=0)
+    m._theta[:6 * 8] = 1e20  # first-layer weight means that have run away
+    with np.errstate(all="ignore"), pytest.raises(ValueError, match="outputs are not finite for 6 of the 3 x 2"):
+        m.predict_proba(np.full((2, 6), 1e20), num_samples=3)
+    with np.errstate(all="ignore"), pytest.raises(ValueError, match="3 of the 3 x 2 .*the first at sample 0, example 1"):
+        m.sample_proba(np.array([[0.0] * 6, [1e20] * 6]), num_samples=3)
