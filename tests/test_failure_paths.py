@@ -197,3 +197,53 @@ def test_predictions_with_non_finite_outputs_raise():
         m.predict_proba(np.full((2, 6), 1e20), num_samples=3)
     with np.errstate(all="ignore"), pytest.raises(ValueError, match="3 of the 3 x 2 .*the first at sample 0, example 1"):
         m.sample_proba(np.array([[0.0] * 6, [1e20] * 6]), num_samples=3)
+
+
+# -- 3. the NumPy BayesianLinear checks its arguments ---------------------------------------------
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda L, x: L.forward(x + 0.5j, key=1), TypeError, "x must be real.*complex"),
+    (lambda L, x: L.forward(np.full((4, 3), None), key=1), TypeError, "x must be an array of real numbers.*object"),
+    (lambda L, x: L.forward(np.where(x > 0.5, np.nan, x), key=1), ValueError, "x must be finite"),
+    (lambda L, x: L.forward(x.astype(np.float64) * 1e300, key=1), ValueError, "x has values beyond the range of the layer's dtype float32"),
+    (lambda L, x: L.forward(x[:, :2], key=1), ValueError, r"x must have shape \(batch, in_features\) = \(batch, 3\)"),
+    (lambda L, x: L.forward(x, key=1.7), TypeError, "key must be an int in \\[0, 2\\*\\*64\\) or None, got float 1.7"),
+    (lambda L, x: L.forward(x, key=True), TypeError, "key must be an int"),
+    (lambda L, x: L.forward(x, key=-1), ValueError, r"key must be in \[0, 2\*\*64\), got -1"),
+    (lambda L, x: L.forward(x, key=2**64), ValueError, r"key must be in \[0, 2\*\*64\)"),
+    (lambda L, x: L.forward(x, key=1, sample="no"), TypeError, "sample must be a bool"),
+    (lambda L, x: L.backward(np.full((4, 2), np.nan)), ValueError, "grad_out must be finite"),
+    (lambda L, x: L.backward(np.ones((4, 2)) + 1j), TypeError, "grad_out must be real"),
+    (lambda L, x: L.backward(np.ones((3, 2))), ValueError, r"grad_out must have shape \(batch, out_features\) = \(4, 2\)"),
+    (lambda L, x: L.backward(np.ones((4, 2)), kl_weight=-1), ValueError, "kl_weight must be >= 0, got -1"),
+    (lambda L, x: L.backward(np.ones((4, 2)), kl_weight=np.nan), ValueError, "kl_weight must be finite"),
+    (lambda L, x: L.backward(np.ones((4, 2)), kl_weight="1"), TypeError, "kl_weight must be a real number"),
+    (lambda L, x: L.backward(np.ones((4, 2)), kl="exact"), ValueError, "kl must be 'mc', 'analytic' or 'none'"),
+    (lambda L, x: L.backward(np.ones((4, 2)), kl="analytic"), ValueError, "kl='analytic' needs a Normal prior"),
+])
+def test_numpy_layer_refuses_bad_arguments_naming_them(call, exc, match):
+    L = vg.BayesianLinear(3, 2, rng=0)
+    x = np.random.default_rng(0).random((4, 3)).astype(np.float32)
+    L.forward(x, key=5)
+    x0, loc0, rho0 = x.copy(), L.loc.copy(), L.rho.copy()
+    with pytest.raises(exc, match=match):
+        call(L, x)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(L.loc, loc0)
+    np.testing.assert_array_equal(L.rho, rho0)
+
+
+def test_numpy_layer_gradient_overflow_is_an_error():
+    """Finite inputs whose gradient overflows float32: an error, not an inf gradient."""
+    L = vg.BayesianLinear(3, 2, rng=0)
+    L.forward(np.full((4, 3), 1e30, np.float32), key=1)
+    with np.errstate(all="ignore"), pytest.raises(ValueError, match="the gradient overflowed"):
+        L.backward(np.full((4, 2), 1e30, np.float32))
+
+
+def test_numpy_layer_accepts_every_valid_key():
+    L = vg.BayesianLinear(3, 2, rng=0, init_rho=0.0)
+    x = np.ones((2, 3), np.float32)
+    outs = [L.forward(x, key=k) for k in (0, 2**63, 2**64 - 1, np.uint64(2**64 - 1))]
+    np.testing.assert_array_equal(outs[2], outs[3])
+    assert not np.array_equal(outs[0], outs[1])

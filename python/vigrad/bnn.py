@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
 import sys
 import threading
@@ -101,6 +102,14 @@ def _prior_kernel(prior, dtype, D):
     if isinstance(prior, ScaleMixtureNormal):
         return _core.bbb_grad_mixture, prior._flat_params(dtype, (D,))
     raise TypeError(f"prior must be a vigrad Normal or ScaleMixtureNormal, got {type(prior).__name__}")
+
+
+def _check_key(key) -> int:
+    if isinstance(key, (bool, np.bool_)) or not isinstance(key, numbers.Integral):
+        raise TypeError(f"key must be an int in [0, 2**64) or None, got {type(key).__name__} {key!r}")
+    if not 0 <= int(key) < 2**64:
+        raise ValueError(f"key must be in [0, 2**64), got {key}")
+    return int(key)
 
 
 class BayesianLinear:
@@ -210,14 +219,30 @@ class BayesianLinear:
         return _blas.matmul(a, b, workers=self.workers, **kw)
 
     def forward(self, x, *, key=None, sample=True):
-        """Outputs (B, out) for inputs (B, in).  ``key`` fixes the noise (an int); None draws one.
-        With sample=False the mean weights are used (no noise, nothing cached for backward)."""
-        x = np.ascontiguousarray(x, dtype=self.dtype)
-        if x.ndim != 2 or x.shape[1] != self.in_features:
-            raise ValueError(f"x must have shape (batch, {self.in_features}), got {x.shape}")
-        if sample:
-            key = int(self._sign_rng.integers(0, 2**63)) if key is None else int(key)
+        """Outputs (B, out) for inputs (B, in).  ``key`` fixes the noise (an int in [0, 2**64));
+        None draws one.  With sample=False the mean weights are used (no noise, nothing cached
+        for backward)."""
+        if not isinstance(sample, (bool, np.bool_)):
+            raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
+        if key is not None:
+            key = _check_key(key)
+        x = self._check_array(x, "x", (None, self.in_features), "(batch, in_features)")
+        if sample and key is None:
+            key = int(self._sign_rng.integers(0, 2**63))
         return self._forward(x, key, sample)
+
+    def _check_array(self, a, name, shape, layout):
+        """A finite real array of the given shape (None: any length), as C-contiguous self.dtype."""
+        a = as_float_array(a, name)
+        if a.ndim != len(shape) or any(n is not None and n != k for n, k in zip(shape, a.shape)):
+            want = ", ".join("batch" if n is None else str(n) for n in shape)
+            raise ValueError(f"{name} must have shape {layout} = ({want}), got {a.shape}")
+        check_finite(a, name)
+        with np.errstate(over="ignore"):
+            out = np.ascontiguousarray(a, dtype=self.dtype)
+        if not np.isfinite(out).all():
+            raise ValueError(f"{name} has values beyond the range of the layer's dtype {self.dtype}")
+        return out
 
     def _forward(self, x, key, sample=True, train=True):
         """forward on checked arguments.  train=True keeps what backward needs (the layer's one
@@ -293,7 +318,20 @@ class BayesianLinear:
         (``kl="mc"``: log q - log p at the sampled weights, any prior; ``"analytic"``: closed form,
         Normal prior; ``"none"``: the data term only), and the KL value.
         """
-        return self._backward(grad_out, kl_weight, kl)
+        kl_weight = check_real(kl_weight, "kl_weight", nonnegative=True)
+        if not isinstance(kl, str) or kl not in ("mc", "analytic", "none"):
+            raise ValueError(f"kl must be 'mc', 'analytic' or 'none', got {kl!r}")
+        if kl == "analytic" and not isinstance(self.prior, Normal):
+            raise ValueError("kl='analytic' needs a Normal prior (no closed form for the scale mixture); use 'mc'")
+        if self._cache is None:
+            raise ValueError("backward needs a forward(x, sample=True) first")
+        G = self._check_array(grad_out, "grad_out", (self._cache[1].shape[0], self.out_features),
+                              "(batch, out_features)")
+        res = self._backward(G, kl_weight, kl)
+        if not self._last_finite:
+            raise ValueError("the gradient overflowed to a non-finite value although every input is finite "
+                             f"(largest |grad_out| {float(np.abs(G).max(initial=0))}, kl_weight {kl_weight})")
+        return res
 
     def _backward(self, grad_out, kl_weight, kl, out=None, accumulate=False, need_grad_x=True,
                   adam=None) -> LayerGrads:
