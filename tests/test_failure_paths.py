@@ -247,3 +247,27 @@ def test_numpy_layer_accepts_every_valid_key():
     outs = [L.forward(x, key=k) for k in (0, 2**63, 2**64 - 1, np.uint64(2**64 - 1))]
     np.testing.assert_array_equal(outs[2], outs[3])
     assert not np.array_equal(outs[0], outs[1])
+
+
+# -- 4. an asymmetric covariance is refused -------------------------------------------------------
+
+def test_from_cov_refuses_an_asymmetric_matrix():
+    with pytest.raises(ValueError, match=r"cov must be symmetric .* got cov\[0, 1\] = 0.5 and cov\[1, 0\] = 0.0"):
+        vg.FullRankGaussian.from_cov(np.zeros(2), [[1.0, 0.5], [0.0, 1.0]])
+    with pytest.raises(ValueError, match=r"cov\[2, 0\]"):  # the worst pair is named
+        vg.FullRankGaussian.from_cov(np.zeros(3), [[4.0, 0.0, 0.3], [0.0, 1.0, 0.1], [-0.5, 0.1, 1.0]])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_from_cov_accepts_rounding_asymmetry(dtype):
+    """A covariance whose triangles differ by rounding (A A^T of a float32 product, as one
+    gets from data) is accepted, and the result's covariance is its symmetric part, to the
+    backward error of a Cholesky factorisation and of rounding L to the dtype (a few d eps |C|)."""
+    rng = np.random.default_rng(1)
+    A = rng.normal(size=(40, 200)).astype(dtype)
+    cov = (A @ A.T / 200).astype(dtype)
+    cov[np.triu_indices(40, 1)] *= 1 + 4 * np.finfo(dtype).eps  # rounding-sized asymmetry, for sure
+    q = vg.FullRankGaussian.from_cov(np.zeros(40, dtype), cov)
+    sym = 0.5 * (cov.astype(np.float64) + cov.T.astype(np.float64))
+    tol = 4 * 40 * np.finfo(dtype).eps * np.abs(sym).max()
+    np.testing.assert_allclose(q.cov, sym, atol=tol)
