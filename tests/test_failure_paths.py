@@ -271,3 +271,27 @@ def test_from_cov_accepts_rounding_asymmetry(dtype):
     sym = 0.5 * (cov.astype(np.float64) + cov.T.astype(np.float64))
     tol = 4 * 40 * np.finfo(dtype).eps * np.abs(sym).max()
     np.testing.assert_allclose(q.cov, sym, atol=tol)
+
+
+# -- 5. layer sizes ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sizes,exc,match", [
+    ([4, 2.5, 2], TypeError, r"sizes\[1\] must be an int, got float 2.5"),
+    ([4, 2.0, 2], TypeError, r"sizes\[1\] must be an int, got float 2.0"),
+    ("42", TypeError, "sizes must be a sequence of ints, got str '42'"),
+    (b"42", TypeError, "sizes must be a sequence of ints, got bytes"),
+    (42, TypeError, "sizes must be a sequence of ints, got int 42"),
+    ([4, True, 2], TypeError, r"sizes\[1\] must be an int, got bool True"),
+    ([4, "8", 2], TypeError, r"sizes\[1\] must be an int, got str '8'"),
+    ([4, None, 2], TypeError, r"sizes\[1\] must be an int, got NoneType"),
+    (np.array([4.0, 2.0]), TypeError, r"sizes\[0\] must be an int, got float64"),
+])
+def test_layer_sizes_must_be_ints(sizes, exc, match):
+    with pytest.raises(exc, match=match):
+        vg.BayesianMLP(sizes)
+
+
+def test_layer_sizes_accept_integer_sequences():
+    for sizes in ([4, 8, 2], (4, 8, 2), np.array([4, 8, 2]), range(4, 1, -1), (n for n in (4, 8, 2))):
+        m = vg.BayesianMLP(sizes, rng=0)
+        assert all(type(n) is int for n in m.sizes) and len(m.sizes) in (3,)

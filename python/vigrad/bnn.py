@@ -27,6 +27,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
@@ -531,10 +532,13 @@ class BayesianMLP:
 
     def __init__(self, sizes, *, likelihood="gaussian", prior=None, estimator="reparam", num_samples=1,
                  dtype=np.float32, rng=None, noise_std=None, init_rho=-7.0, kl="mc", workers=None):
-        try:
-            sizes = [int(s) for s in sizes]
-        except (TypeError, ValueError):
-            raise TypeError(f"sizes must be a sequence of ints, got {sizes!r}") from None
+        if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
+            raise TypeError(f"sizes must be a sequence of ints, got {type(sizes).__name__} {sizes!r}")
+        sizes = list(sizes)
+        for k, n in enumerate(sizes):
+            if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
+                raise TypeError(f"sizes[{k}] must be an int, got {type(n).__name__} {n!r} (sizes = {sizes!r})")
+        sizes = [int(n) for n in sizes]
         if len(sizes) < 2:
             raise ValueError(f"sizes needs at least two layers (input and output), got {sizes}")
         if min(sizes) < 1:
