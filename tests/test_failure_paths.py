@@ -295,3 +295,46 @@ def test_layer_sizes_accept_integer_sequences():
     for sizes in ([4, 8, 2], (4, 8, 2), np.array([4, 8, 2]), range(4, 1, -1), (n for n in (4, 8, 2))):
         m = vg.BayesianMLP(sizes, rng=0)
         assert all(type(n) is int for n in m.sizes) and len(m.sizes) in (3,)
+
+
+# -- 7. save replaces the file atomically ---------------------------------------------------------
+
+def test_a_save_that_fails_midway_leaves_the_previous_file(tmp_path, monkeypatch):
+    X, y = _classification(n=40)
+    m = vg.BayesianMLP([6, 8, 3], likelihood="categorical", rng=0)
+    m.fit(X, y, epochs=1, batch_size=20)
+    path = tmp_path / "model.npz"
+    m.save(path)
+    before = path.read_bytes()
+    m.fit(X, y, epochs=1, batch_size=20)
+    real = np.savez
+
+    def savez_then_fail(fh, **arrays):  # half a file, then an interrupt
+        real(fh, **arrays)
+        fh.truncate(fh.tell() // 2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", savez_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        m.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.npz"]  # no temporary file left
+    assert vg.BayesianMLP.load(path)._opt_state[0] == 2
+    m.save(path)  # and a save that completes replaces it
+    assert vg.BayesianMLP.load(path)._opt_state[0] == 4
+
+
+def test_save_keeps_the_files_permissions(tmp_path):
+    import os
+    import stat
+
+    m = vg.BayesianMLP([2, 3, 2], likelihood="categorical", rng=0)
+    path = tmp_path / "model.npz"
+    m.save(path)
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")  # what open() gives a new file under this umask
+    assert stat.S_IMODE(os.stat(path).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
+    os.chmod(path, 0o640)
+    m.save(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640

@@ -24,6 +24,7 @@ import json
 import math
 import numbers
 import os
+import secrets
 import sys
 import threading
 import time
@@ -103,6 +104,40 @@ def _prior_kernel(prior, dtype, D):
     if isinstance(prior, ScaleMixtureNormal):
         return _core.bbb_grad_mixture, prior._flat_params(dtype, (D,))
     raise TypeError(f"prior must be a vigrad Normal or ScaleMixtureNormal, got {type(prior).__name__}")
+
+
+def _write_atomically(path, write):
+    """Call ``write(fh)`` on a new file in the folder of ``path``, flush and fsync it, rename it
+    over ``path`` (os.replace, atomic on POSIX and Windows) and fsync the folder, so that a crash
+    at any moment leaves the old file or the new one.  The new file has the old one's
+    permissions (the umask's default for a new path)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = None
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as fh:
+            if mode is not None:
+                os.chmod(tmp, mode)
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        with contextlib.suppress(OSError):
+            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
 
 
 def _check_key(key) -> int:
@@ -763,8 +798,10 @@ class BayesianMLP:
         val_samples : int
             Monte Carlo samples for the validation predictions.
         checkpoint : path, optional
-            Save the model and optimiser state after every epoch; ``resume=True`` continues from
-            the checkpoint's epoch, reproducing an uninterrupted run bit for bit.
+            Save the model and optimiser state after every epoch, atomically (see :meth:`save`:
+            a fit stopped at any moment, even by SIGKILL, leaves the previous checkpoint or the
+            new one); ``resume=True`` continues from the checkpoint's epoch, reproducing an
+            uninterrupted run bit for bit.
 
         Returns
         -------
@@ -1021,15 +1058,20 @@ class BayesianMLP:
 
     def save(self, path):
         """Write the model (architecture, prior, dtype, parameters, optimiser state, history) to a
-        versioned .npz with a SHA-256 checksum."""
+        versioned .npz with a SHA-256 checksum.
+
+        The file is replaced atomically (a temporary file in the same folder, flushed and
+        fsynced, then renamed over ``path``): whenever the process stops, even by SIGKILL or a
+        power cut, ``path`` holds the previous file or the new one, never a mix.  A kill in the
+        middle can leave the temporary file (``.<name>.<pid>.<random>.tmp``) behind."""
         with self._guard.reading("save"):
             meta = json.dumps(self._metadata(), sort_keys=True)
             m, v = (self._opt_state[1], self._opt_state[2]) if self._opt_state is not None else (
                 np.zeros(0, self.dtype), np.zeros(0, self.dtype))
             arrays = [self._theta, m, v]
-            with open(path, "wb") as fh:
-                np.savez(fh, meta=np.array(meta), theta=self._theta, adam_m=m, adam_v=v,
-                         checksum=np.array(self._checksum(meta, arrays)))
+            checksum = self._checksum(meta, arrays)
+            _write_atomically(path, lambda fh: np.savez(fh, meta=np.array(meta), theta=self._theta, adam_m=m,
+                                                        adam_v=v, checksum=np.array(checksum)))
 
     @classmethod
     def load(cls, path) -> "BayesianMLP":
