@@ -389,3 +389,41 @@ def test_a_prior_that_does_not_broadcast_is_refused_everywhere():
                  lambda: vg.pathwise_grad(q.loc, q.rho, eps, eps, p)):
         with pytest.raises(ValueError, match=match):
             call()
+
+
+# -- 9. the probability-sum tolerance follows the dtype and the number of classes -------------------
+
+def _softmax_sequential(logits, dtype):
+    """A softmax computed in `dtype` with the normaliser summed one term at a time (as a plain
+    loop, or a GPU kernel's serial reduction, does): rounding error up to K eps / 2."""
+    f = logits.astype(dtype)
+    e = np.exp(f - f.max(axis=1, keepdims=True))
+    total = np.cumsum(e, axis=1, dtype=dtype)[:, -1:]
+    return (e / total).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype,K", [(np.float16, 10), (np.float32, 10_000), (np.float32, 10)])
+def test_low_precision_softmax_is_accepted(dtype, K):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(scale=2.0, size=(50, K))
+    p = _softmax_sequential(logits, dtype)
+    y = rng.integers(0, K, 50)
+    sums = p.sum(axis=1, dtype=np.float64)
+    if (dtype, K) != (np.float32, 10):  # these rows are off by more than the old fixed 1e-6
+        assert np.abs(sums - 1).max() > 1e-6
+    want = -np.mean(np.log(p.astype(np.float64)[np.arange(50), y]))
+    assert vg.metrics.nll(p, y) == pytest.approx(want, rel=1e-12)
+    assert vg.metrics.brier_score(p, y) >= 0
+    vg.metrics.predictive_entropy(p[None])  # the (S, N, K) checks take the same tolerance
+
+
+@pytest.mark.parametrize("dtype,K", [(np.float16, 10), (np.float32, 10_000), (np.float32, 10), (np.float64, 10)])
+def test_probabilities_off_by_more_than_the_tolerance_are_refused(dtype, K):
+    eps = np.finfo(dtype).eps
+    tol = max(1e-6, (K + 2) * eps)
+    p = np.full((2, K), 1.0 / K)
+    p[1, 0] += 2 * tol  # row 1 sums to 1 + 2 tol (representable in every dtype here)
+    p = p.astype(dtype)
+    assert p[1].sum(dtype=np.float64) - 1 > 1.5 * tol
+    with pytest.raises(ValueError, match=r"must sum to 1 .*the first, at index \(1,\)"):
+        vg.metrics.nll(p, [0, 0])
