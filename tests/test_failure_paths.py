@@ -427,3 +427,38 @@ def test_probabilities_off_by_more_than_the_tolerance_are_refused(dtype, K):
     assert p[1].sum(dtype=np.float64) - 1 > 1.5 * tol
     with pytest.raises(ValueError, match=r"must sum to 1 .*the first, at index \(1,\)"):
         vg.metrics.nll(p, [0, 0])
+
+
+# -- 10. edge shapes -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prior", [vg.Normal(0.0, 1.0), vg.Normal(np.zeros(3), np.ones(3)),
+                                   vg.ScaleMixtureNormal(0.5, 1.0, 0.1)])
+def test_priors_take_zero_samples_and_empty_events(prior):
+    lp = prior.log_prob(np.zeros((0, 3)))
+    assert lp.shape == (0,) and lp.dtype == np.float64
+    assert prior.grad_log_prob(np.zeros((0, 3), np.float32)).shape == (0, 3)
+    assert prior.log_prob(np.zeros((0, 3), np.float32)).dtype == np.float32
+    if all(v.ndim == 0 for v in prior._params.values()):
+        np.testing.assert_array_equal(prior.log_prob(np.zeros((2, 0))), [0.0, 0.0])  # a sum over nothing
+
+
+def test_scalar_events_are_accepted_by_every_estimator_function():
+    """A scalar event (loc of shape ()) is the one-element event (1,) with the axis dropped."""
+    rng = np.random.default_rng(0)
+    eps = rng.standard_normal(5)
+    glik = rng.standard_normal(5)
+    prior = vg.Normal(0.2, 1.5)
+    got = vg.pathwise_grad(0.3, -1.0, eps, glik, prior)
+    want = vg.pathwise_grad(np.array([0.3]), np.array([-1.0]), eps[:, None], glik[:, None], prior)
+    assert got[0].shape == got[1].shape == ()
+    for g, w in zip(got, want):
+        assert float(g) == float(w[0])
+    got = vg.score_grad(0.3, -1.0, eps, glik, baseline="loo")
+    want = vg.score_grad(np.array([0.3]), np.array([-1.0]), eps[:, None], glik, baseline="loo")
+    assert got[0].shape == () and [float(g) for g in got] == [float(w[0]) for w in want]
+    q = vg.MeanFieldGaussian.from_scale(0.5, 2.0)
+    assert q.shape == () and float(q.scale) == pytest.approx(2.0, rel=1e-15)
+    res = vg.elbo_grad(q, lambda w: (-0.5 * w**2, -w), prior, num_samples=3, rng=1)
+    res1 = vg.elbo_grad(vg.MeanFieldGaussian.from_scale([0.5], [2.0]),
+                        lambda w: (-0.5 * w[:, 0] ** 2, -w), prior, num_samples=3, rng=1)
+    assert res.grad_loc.shape == () and float(res.grad_loc) == float(res1.grad_loc[0])

@@ -147,12 +147,12 @@ def pathwise_grad(loc, rho, eps, grad_log_lik, prior, *, kl="mc", kl_weight=1.0,
         raise TypeError(f"stl must be a bool, got {type(stl).__name__}")
     loc = as_float_array(loc, "loc")
     dtype = np.result_type(loc.dtype, as_float_array(rho, "rho").dtype)
-    loc = np.ascontiguousarray(loc, dtype=dtype)
-    rho = np.ascontiguousarray(as_float_array(rho, "rho"), dtype=dtype)
+    loc = np.asarray(loc, dtype=dtype, order="C")  # (not ascontiguousarray: it makes a scalar event 1-D)
+    rho = np.asarray(as_float_array(rho, "rho"), dtype=dtype, order="C")
     if rho.shape != loc.shape:
         raise ValueError(f"loc and rho must have the same shape, got {loc.shape} and {rho.shape}")
-    eps = np.ascontiguousarray(as_float_array(eps, "eps"), dtype=dtype)
-    glik = np.ascontiguousarray(as_float_array(grad_log_lik, "grad_log_lik"), dtype=dtype)
+    eps = np.asarray(as_float_array(eps, "eps"), dtype=dtype, order="C")
+    glik = np.asarray(as_float_array(grad_log_lik, "grad_log_lik"), dtype=dtype, order="C")
     shape = loc.shape
     if eps.ndim != loc.ndim + 1 or eps.shape[1:] != shape:
         raise ValueError(f"eps must have shape (S, *{shape}), got {eps.shape}")
@@ -192,15 +192,15 @@ def score_grad(loc, rho, eps, f, *, baseline=None, workers=None):
     """
     loc = as_float_array(loc, "loc")
     dtype = np.result_type(loc.dtype, as_float_array(rho, "rho").dtype)
-    loc = np.ascontiguousarray(loc, dtype=dtype)
-    rho = np.ascontiguousarray(as_float_array(rho, "rho"), dtype=dtype)
+    loc = np.asarray(loc, dtype=dtype, order="C")  # (not ascontiguousarray: it makes a scalar event 1-D)
+    rho = np.asarray(as_float_array(rho, "rho"), dtype=dtype, order="C")
     if rho.shape != loc.shape:
         raise ValueError(f"loc and rho must have the same shape, got {loc.shape} and {rho.shape}")
-    eps = np.ascontiguousarray(as_float_array(eps, "eps"), dtype=dtype)
+    eps = np.asarray(as_float_array(eps, "eps"), dtype=dtype, order="C")
     if eps.ndim != loc.ndim + 1 or eps.shape[1:] != loc.shape:
         raise ValueError(f"eps must have shape (S, *{loc.shape}), got {eps.shape}")
     S = eps.shape[0]
-    f = np.ascontiguousarray(as_float_array(f, "f"), dtype=dtype)
+    f = np.asarray(as_float_array(f, "f"), dtype=dtype, order="C")
     if f.shape != (S,):
         raise ValueError(f"f must have shape ({S},), got {f.shape}")
     kind, value = _baseline_args(baseline, S)
