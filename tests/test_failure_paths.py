@@ -462,3 +462,39 @@ def test_scalar_events_are_accepted_by_every_estimator_function():
     res1 = vg.elbo_grad(vg.MeanFieldGaussian.from_scale([0.5], [2.0]),
                         lambda w: (-0.5 * w[:, 0] ** 2, -w), prior, num_samples=3, rng=1)
     assert res.grad_loc.shape == () and float(res.grad_loc) == float(res1.grad_loc[0])
+
+
+# -- Also: the demo's command line ---------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,match", [
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--samples", "0"], "--samples must be >= 1"),
+    (["--plot", "band.png", "--part", "seed"], "--plot draws the Bayes-by-Backprop regression"),
+])
+def test_demo_refuses_bad_arguments_before_any_work(argv, match, capsys):
+    from vigrad.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--quiet", *argv])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert match in captured.err and "Traceback" not in captured.err
+    assert captured.out == ""  # nothing ran
+
+
+def test_demo_plot_without_matplotlib_fails_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from vigrad.__main__ import main
+    from vigrad.demo import run_bbb_demo
+
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    png = tmp_path / "band.png"
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--quiet", "--part", "bbb", "--plot", str(png)])
+    assert info.value.code == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+    with pytest.raises(ImportError, match="needs matplotlib"):
+        run_bbb_demo(epochs=1, plot=str(png))
+    assert not png.exists()
