@@ -498,3 +498,78 @@ def test_demo_plot_without_matplotlib_fails_and_writes_nothing(tmp_path, monkeyp
     with pytest.raises(ImportError, match="needs matplotlib"):
         run_bbb_demo(epochs=1, plot=str(png))
     assert not png.exists()
+
+
+# -- 13. threads: workers=None chooses by measurement -------------------------------------------------
+
+def _simulate(threads, cost, calls):
+    """Drive a _Threads with synthetic call times cost(choice, call) -> seconds; returns the
+    choices made and the total time."""
+    chosen, total = [], 0.0
+    for k in range(calls):
+        w = threads.pick()
+        t = cost(w, k)
+        threads.record(w, t)
+        chosen.append(w)
+        total += t
+    return np.array(chosen), total
+
+
+@pytest.mark.parametrize("fast,slow,ratio", [(2, 1, 1.6), (1, 2, 1.6), (1, 2, 150.0), (2, 1, 1.05)])
+def test_auto_threads_settle_on_the_faster_choice_within_a_few_percent(fast, slow, ratio):
+    """Whichever of 1 and 2 threads is faster, by a little or by 150x (two threads on a loaded
+    machine), the total time stays within 5 % of always using the faster one (the 1.3x the issue
+    allows is for noisy real timings; here the timings are exact)."""
+    from vigrad.bnn import _Threads
+
+    t = _Threads(2, auto=True)
+    best = 1e-3
+    cost = lambda w, k: best if w == fast else best * ratio  # noqa: E731
+    chosen, total = _simulate(t, cost, 20_000)
+    assert total <= 1.05 * best * 20_000 + 8 * best * ratio  # + the first alternating calls
+    assert (chosen[100:] == fast).mean() > 0.95
+
+
+def test_auto_threads_follow_a_change_of_load():
+    """Two threads are faster until call 5000 (an idle machine), then 20x slower (another process
+    takes a core): the choice follows within a few hundred calls, and back when the load goes."""
+    from vigrad.bnn import _Threads
+
+    t = _Threads(2, auto=True)
+
+    def cost(w, k):
+        busy = 5000 <= k < 15000
+        return (1e-3 if w == 1 else 20e-3) if busy else (1e-3 if w == 1 else 0.6e-3)
+
+    chosen, _ = _simulate(t, cost, 20_000)
+    assert (chosen[4000:5000] == 2).mean() > 0.95
+    assert (chosen[6000:15000] == 1).mean() > 0.99
+    assert (chosen[18000:] == 2).mean() > 0.95
+
+
+def test_fixed_workers_are_never_measured_and_copies_measure_afresh():
+    from vigrad.bnn import _Threads
+
+    t = _Threads(3, auto=False)
+    assert t.choices == (3,) and {t.run(lambda w: w) for _ in range(50)} == {3}
+    assert _Threads(1, auto=True).choices == (1,)
+    auto = _Threads(2, auto=True)
+    _simulate(auto, lambda w, k: 1.0 if w == 1 else 2.0, 100)
+    clone = copy.deepcopy(auto)
+    assert clone._calls == 0 and clone.choices == (1, 2)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_auto_threads_give_the_bits_of_any_fixed_count(estimator):
+    """workers=None switches between one and all threads while training; the result is the
+    bit pattern of a fixed count (large enough that the kernels and products really split)."""
+    rng = np.random.default_rng(0)
+    X, y = rng.random((320, 64)).astype(np.float32), rng.integers(0, 4, 320)
+    runs = []
+    for w in (None, 1, 2):
+        m = vg.BayesianMLP([64, 600, 4], likelihood="categorical", estimator=estimator, rng=5, workers=w)
+        m.fit(X, y, epochs=3, batch_size=160)
+        runs.append((m._theta.copy(), m.predict_proba(X, num_samples=4, rng=1)))
+    for theta, p in runs[1:]:
+        np.testing.assert_array_equal(theta, runs[0][0])
+        np.testing.assert_array_equal(p, runs[0][1])

@@ -46,15 +46,96 @@ _FORMAT = "vigrad.BayesianMLP"
 _FORMAT_VERSION = 1
 
 
+#: Below this many multiply-adds a matrix product runs on one thread (the core's kMinParallelWork).
+_MIN_PARALLEL_WORK = 1 << 21
+
+
 def layer_workers(workers):
-    """Threads for a layer's fused elementwise passes and matrix products.  None means every core
-    when vigrad runs the matrix products on its own threads (:mod:`vigrad._blas`: NumPy's OpenBLAS
-    found), else one: NumPy's matmul then runs on OpenBLAS's pool, whose threads keep spinning
+    """The most threads a layer's fused elementwise passes and matrix products may use.  For None:
+    every core when vigrad runs the matrix products on its own threads (:mod:`vigrad._blas`: NumPy's
+    OpenBLAS found), and then :class:`_Threads` chooses between one thread and all of them by
+    measurement; else one: NumPy's matmul then runs on OpenBLAS's pool, whose threads keep spinning
     after each product, and an OpenMP team on the same cores waits for a core at every barrier
     (2 cores, 784-400-400-10, batch 128: 5.4 ms per step with one thread, 34 ms with two)."""
     if workers is None:
         return resolve_workers(None) if _blas.available() else 1
     return resolve_workers(workers)
+
+
+class _Threads:
+    """How many threads a repeated call runs on: a fixed number (``workers`` given), or with
+    ``workers=None`` one thread or all of them, whichever measures faster, re-measured as the
+    machine's load changes.
+
+    Why measure: vigrad's threads are an OpenMP team (libgomp, one pool shared with PyTorch when
+    both are loaded), whose idle threads spin for a while (GOMP_SPINCOUNT) before they sleep.  On
+    an idle machine a team of two runs a large network's step up to ~1.8x faster than one thread;
+    when other processes hold the cores, each parallel region waits at its barrier for a thread
+    the OS has not scheduled, while the spinning ones take the CPU from it (measured on 2 cores
+    with other work running: 784-400-400-10, batch 128, 11 ms per step on one thread, 122 ms on
+    two).  No fixed choice comes within 1.3x of the best in both cases; a measurement does.  The
+    results are bit-identical for any number of threads, so switching never changes them.
+
+    The first calls alternate between the choices (the first of each discarded: thread start,
+    page faults); then the faster by an exponential moving average of the call times is used,
+    and the other one is timed once every ``PROBE * (its time / the best time)`` calls, so that
+    the probes cost about 1/PROBE of the time and the choice follows the load."""
+
+    SAMPLES, PROBE, MAX_GAP, ALPHA = 3, 32, 4096, 0.3
+
+    def __init__(self, workers, auto):
+        self.choices = (1, workers) if auto and workers > 1 else (workers,)
+        self._reset()
+
+    def _reset(self):
+        self._lock = threading.Lock()
+        self._seen = dict.fromkeys(self.choices, 0)
+        self._ema = {}
+        self._calls = self._next_probe = 0
+
+    def __getstate__(self):  # copies and pickles start measuring afresh
+        return {"choices": self.choices}
+
+    def __setstate__(self, state):
+        self.choices = state["choices"]
+        self._reset()
+
+    def pick(self) -> int:
+        if len(self.choices) == 1:
+            return self.choices[0]
+        with self._lock:
+            fewest = min(self.choices, key=self._seen.get)
+            if self._seen[fewest] <= self.SAMPLES:  # one discarded + SAMPLES timed, alternating
+                return fewest
+            best = min(self.choices, key=self._ema.get)
+            if self._calls >= self._next_probe:
+                return self.choices[0] if best != self.choices[0] else self.choices[1]
+            return best
+
+    def record(self, choice, seconds):
+        with self._lock:
+            self._calls += 1
+            self._seen[choice] += 1
+            if self._seen[choice] == 1:
+                return
+            old = self._ema.get(choice)
+            self._ema[choice] = seconds if old is None else old + self.ALPHA * (seconds - old)
+            if len(self._ema) < len(self.choices):
+                return
+            best = min(self._ema.values())
+            if self._ema[choice] > best:  # the other one was timed: when to time it next
+                gap = self.PROBE * self._ema[choice] / max(best, 1e-9)
+                self._next_probe = self._calls + int(min(gap, self.MAX_GAP))
+
+    def run(self, fn):
+        """fn(workers), on the chosen number of threads, timed when there is a choice."""
+        if len(self.choices) == 1:
+            return fn(self.choices[0])
+        w = self.pick()
+        t0 = time.perf_counter()
+        out = fn(w)
+        self.record(w, time.perf_counter() - t0)
+        return out
 
 
 def default_prior():
@@ -166,8 +247,10 @@ class BayesianLinear:
     params : (loc, rho) views, optional
         Flat arrays of size in*out + out to use as parameter storage (BayesianMLP shares one buffer).
     workers : int or None
-        Threads for the fused elementwise passes and the matrix products; None means every core
-        when vigrad can run the products on its own threads, else 1 (see :func:`layer_workers`).
+        Threads for the fused elementwise passes and the matrix products.  None: one thread or
+        every core, whichever the layer measures faster for its forward and its backward calls,
+        re-measured as the machine's load changes (see :class:`vigrad.bnn._Threads`); one thread
+        when vigrad cannot run the products on its own threads (:func:`layer_workers`).
 
     Examples
     --------
@@ -194,6 +277,7 @@ class BayesianLinear:
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
         self.workers = layer_workers(workers)
+        self._threads = {k: _Threads(self.workers, workers is None) for k in ("forward", "backward")}
         n = self.num_params
         if params is None:
             loc, rho = np.empty(n, self.dtype), np.empty(n, self.dtype)
@@ -251,8 +335,12 @@ class BayesianLinear:
             buf = self._buffers[name] = np.empty(shape, self.dtype)
         return buf
 
-    def _mm(self, a, b, **kw):
-        return _blas.matmul(a, b, workers=self.workers, **kw)
+    def _mm(self, workers, a, b, **kw):
+        """op(a) @ op(b) on `workers` threads; one thread below ~2M multiply-adds, where a team's
+        start and barrier cost more than they save (the core's other kernels do the same)."""
+        A0, K = (a.shape[1], a.shape[0]) if kw.get("trans_a") else a.shape
+        N = b.shape[0] if kw.get("trans_b") else b.shape[1]
+        return _blas.matmul(a, b, workers=workers if A0 * K * N >= _MIN_PARALLEL_WORK else 1, **kw)
 
     def forward(self, x, *, key=None, sample=True):
         """Outputs (B, out) for inputs (B, in).  ``key`` fixes the noise (an int in [0, 2**64));
@@ -265,7 +353,7 @@ class BayesianLinear:
         x = self._check_array(x, "x", (None, self.in_features), "(batch, in_features)")
         if sample and key is None:
             key = int(self._sign_rng.integers(0, 2**63))
-        return self._forward(x, key, sample)
+        return self._threads["forward"].run(lambda w: self._forward(x, key, sample, workers=w))
 
     def _check_array(self, a, name, shape, layout):
         """A finite real array of the given shape (None: any length), as C-contiguous self.dtype."""
@@ -280,31 +368,33 @@ class BayesianLinear:
             raise ValueError(f"{name} has values beyond the range of the layer's dtype {self.dtype}")
         return out
 
-    def _forward(self, x, key, sample=True, train=True):
+    def _forward(self, x, key, sample=True, train=True, workers=None):
         """forward on checked arguments.  train=True keeps what backward needs (the layer's one
         cache) and writes the sampled weights into the layer's persistent buffer; train=False
         touches no state of the layer (fresh arrays, nothing cached), so that any number of
-        threads may predict with one layer at once."""
+        threads may predict with one layer at once.  workers: threads for this call (None: the
+        layer's)."""
+        nw = self.workers if workers is None else workers
         M, mb = self._split(self.loc)
         if not sample:
             if train:
                 self._cache = None
-            out = self._mm(x, M, trans_b=True)
+            out = self._mm(nw, x, M, trans_b=True)
             out += mb
             return out
         n = self.num_params
         if self.estimator == "reparam":
             w = self._buffer("w", (n,)) if train else np.empty(n, self.dtype)
-            _core.bbb_noise("weights", key, self.loc, self.rho, w, self.workers)
+            _core.bbb_noise("weights", key, self.loc, self.rho, w, nw)
             W, b = self._split(w)
             if train:
                 self._cache = (key, x, W)
-            out = self._mm(x, W, trans_b=True)
+            out = self._mm(nw, x, W, trans_b=True)
             out += b
             return out
         if self.estimator == "flipout":
             dw = self._buffer("w", (n,)) if train else np.empty(n, self.dtype)
-            _core.bbb_noise("perturbation", key, self.loc, self.rho, dw, self.workers)
+            _core.bbb_noise("perturbation", key, self.loc, self.rho, dw, nw)
             dW, db = self._split(dw)
             signs = np.random.default_rng(key).integers(0, 2, size=(x.shape[0], self.in_features + self.out_features),
                                                         dtype=np.int8)
@@ -313,37 +403,37 @@ class BayesianLinear:
             xs = x * S
             if train:
                 self._cache = (key, x, xs, S, R, dW, M)
-            pert = self._mm(xs, dW, trans_b=True)
+            pert = self._mm(nw, xs, dW, trans_b=True)
             pert += db
             pert *= R
-            out = self._mm(x, M, trans_b=True)
+            out = self._mm(nw, x, M, trans_b=True)
             out += mb
             out += pert
             return out
         # local reparameterisation
-        var = _core.softplus(self.rho, self.workers)
+        var = _core.softplus(self.rho, nw)
         var *= var
         V, vb = self._split(var)
         x2 = x * x
-        delta = self._mm(x2, V, trans_b=True)
+        delta = self._mm(nw, x2, V, trans_b=True)
         delta += vb
         std = np.sqrt(delta)
         zeta = np.empty((1, x.shape[0] * self.out_features), self.dtype)
-        _core.standard_normal(key ^ 0x5DEECE66D, zeta, self.workers)
+        _core.standard_normal(key ^ 0x5DEECE66D, zeta, nw)
         zeta = zeta.reshape(x.shape[0], self.out_features)
         if train:
             self._cache = (key, x, x2, V, std, zeta, M)
-        out = self._mm(x, M, trans_b=True)
+        out = self._mm(nw, x, M, trans_b=True)
         out += mb
         out += std * zeta
         return out
 
-    def _param_grad(self, G, x, name):
+    def _param_grad(self, G, x, name, nw):
         """[G^T x (flattened), column sums of G]: the gradient of sum(G * (x W^T + b)) in (W, b),
         written into a persistent buffer."""
         k = self.in_features * self.out_features
         out = self._buffer(name, (self.num_params,))
-        self._mm(G, x, trans_a=True, out=out[:k].reshape(self.out_features, self.in_features))
+        self._mm(nw, G, x, trans_a=True, out=out[:k].reshape(self.out_features, self.in_features))
         np.sum(G, axis=0, out=out[k:])
         return out
 
@@ -363,57 +453,59 @@ class BayesianLinear:
             raise ValueError("backward needs a forward(x, sample=True) first")
         G = self._check_array(grad_out, "grad_out", (self._cache[1].shape[0], self.out_features),
                               "(batch, out_features)")
-        res = self._backward(G, kl_weight, kl)
+        res = self._threads["backward"].run(lambda w: self._backward(G, kl_weight, kl, workers=w))
         if not self._last_finite:
             raise ValueError("the gradient overflowed to a non-finite value although every input is finite "
                              f"(largest |grad_out| {float(np.abs(G).max(initial=0))}, kl_weight {kl_weight})")
         return res
 
     def _backward(self, grad_out, kl_weight, kl, out=None, accumulate=False, need_grad_x=True,
-                  adam=None) -> LayerGrads:
+                  adam=None, workers=None) -> LayerGrads:
         """backward, with the parameter gradients written to (or, with accumulate, added to) the
         arrays ``out = (grad_loc, grad_rho)``, and grad_x skipped (None) when not needed.  With
         ``adam = ((m_loc, v_loc, m_rho, v_rho), (step, lr, b1, b2, eps))`` the kernel also takes
-        the Adam step on loc and rho (the gradients are then None unless ``out`` is given)."""
+        the Adam step on loc and rho (the gradients are then None unless ``out`` is given).
+        workers: threads for this call (None: the layer's)."""
+        nw = self.workers if workers is None else workers
         if self._cache is None:
             raise ValueError("backward needs a forward(x, sample=True) first")
         G = np.ascontiguousarray(grad_out, dtype=self.dtype)
         key, x = self._cache[0], self._cache[1]
         if G.shape != (x.shape[0], self.out_features):
             raise ValueError(f"grad_out must have shape {(x.shape[0], self.out_features)}, got {G.shape}")
-        A = self._param_grad(G, x, "A")
+        A = self._param_grad(G, x, "A", nw)
         grad_x = None
         if self.estimator == "reparam":
             W = self._cache[2]
             if need_grad_x:
-                grad_x = self._mm(G, W)
+                grad_x = self._mm(nw, G, W)
             data, BC = "reparam", None
         elif self.estimator == "flipout":
             _, _, xs, S, R, dW, M = self._cache
             GR = G * R
-            BC = self._param_grad(GR, xs, "B")
+            BC = self._param_grad(GR, xs, "B", nw)
             if need_grad_x:
-                grad_x = self._mm(GR, dW)
+                grad_x = self._mm(nw, GR, dW)
                 grad_x *= S
-                self._mm(G, M, out=grad_x, accumulate=True)
+                self._mm(nw, G, M, out=grad_x, accumulate=True)
             data = "times_eps"
         else:
             _, _, x2, V, std, zeta, M = self._cache
             H = G * zeta / (2.0 * std)
-            BC = self._param_grad(H, x2, "B")
-            BC *= _core.softplus(self.rho, self.workers)
+            BC = self._param_grad(H, x2, "B", nw)
+            BC *= _core.softplus(self.rho, nw)
             BC *= self.dtype.type(2)
             if need_grad_x:
-                grad_x = self._mm(H, V)
+                grad_x = self._mm(nw, H, V)
                 grad_x *= x
                 grad_x *= self.dtype.type(2)
-                self._mm(G, M, out=grad_x, accumulate=True)
+                self._mm(nw, G, M, out=grad_x, accumulate=True)
             data = "direct"
         kw = {} if out is None else {"out_loc": out[0], "out_rho": out[1], "accumulate": accumulate}
         if adam is not None:  # the fused Adam step: (m_loc, v_loc, m_rho, v_rho), (step, lr, b1, b2, eps)
             kw["adam_state"], kw["adam"] = adam
         gl, gr, klv, finite = self._kernel(data, kl, key, self.loc, self.rho, A, BC, *self._prior_params, kl_weight,
-                                           self.workers, **kw)
+                                           nw, **kw)
         self._last_finite = finite
         if grad_x is not None:
             grad_x = grad_x.astype(self.dtype, copy=False)
@@ -541,10 +633,13 @@ class BayesianMLP:
     kl : {"mc", "analytic"}
         The KL term: Monte Carlo at the sampled weights (any prior) or closed form (Normal prior).
     workers : int or None
-        Threads for the fused elementwise passes and the matrix products; None means every core
-        when vigrad can run the products on its own threads (NumPy's OpenBLAS found), else 1,
-        because two thread pools on the same cores wait for each other (see
-        :func:`vigrad.bnn.layer_workers`).  Results are bit-identical for any value.
+        Threads for the fused elementwise passes and the matrix products.  None: one thread or
+        every core, whichever measures faster for this model's training steps (and, separately,
+        its predictions), re-measured as the load of the machine changes: on an idle machine
+        two threads are up to ~1.8x faster for a large network, on a machine where other work
+        holds the cores they can be ten times slower (see :class:`vigrad.bnn._Threads`).  One
+        thread when vigrad cannot run the products on its own threads (NumPy's OpenBLAS not
+        found, :func:`vigrad.bnn.layer_workers`).  Results are bit-identical for any value.
 
     Notes
     -----
@@ -596,6 +691,7 @@ class BayesianMLP:
         self.noise_std = None if noise_std is None else check_real(noise_std, "noise_std", positive=True)
         self.init_rho = float(init_rho)
         self.workers = layer_workers(workers)
+        self._threads = {k: _Threads(self.workers, workers is None) for k in ("step", "predict")}
         gen = resolve_rng(rng)
         self._base_key = int(gen.integers(0, 2**64, dtype=np.uint64))
         counts = [sizes[i] * sizes[i + 1] + sizes[i + 1] for i in range(len(sizes) - 1)]
@@ -652,7 +748,7 @@ class BayesianMLP:
                 f"num_samples={self.num_samples}, dtype={self.dtype})")
 
     # -- the network ---------------------------------------------------------------------------------
-    def _forward(self, x, keys=None, sample=True, train=True):
+    def _forward(self, x, keys=None, sample=True, train=True, workers=None):
         """The network's outputs and the ReLU masks; train=False changes no state of the layers
         (safe from many threads at once)."""
         h = np.ascontiguousarray(x, dtype=self.dtype)
@@ -661,7 +757,7 @@ class BayesianMLP:
             if keys is None:
                 h = layer.forward(h, sample=sample)
             else:
-                h = layer._forward(h, keys[i], sample, train)
+                h = layer._forward(h, keys[i], sample, train, workers)
             if i + 1 < len(self.layers):
                 acts.append(h > 0)
                 h = np.maximum(h, 0)
@@ -685,7 +781,7 @@ class BayesianMLP:
         g_log_sigma = float(r.size - np.sum(r * r)) if self._learn_noise else 0.0
         return nll, (r / sigma).astype(self.dtype, copy=False), g_log_sigma
 
-    def _step_grad(self, xb, yb, kl_weight, step, adam=None):
+    def _step_grad(self, xb, yb, kl_weight, step, adam=None, workers=None):
         """Average over num_samples of the gradient of kl_weight KL + sum NLL; fills self._grad.
         The layers write their gradients straight into self._grad's slices.  With ``adam =
         (m, v, (step, lr, b1, b2, eps))`` (one sample only) each layer's kernel takes the Adam
@@ -697,7 +793,7 @@ class BayesianMLP:
             self._grad[-1] = 0
         for s in range(self.num_samples):
             keys = _derive_keys(self._base_key, step, s, L)
-            f, acts = self._forward(xb, keys)
+            f, acts = self._forward(xb, keys, workers=workers)
             nll, g, g_ls = self._nll_and_grad(f, yb)
             if not np.isfinite(nll):
                 raise TrainingError(f"non-finite loss at step {step}: {self._first_bad_layer(xb, keys)}", step)
@@ -705,11 +801,11 @@ class BayesianMLP:
                 sl, sr = self._param_slices[i]
                 if adam is None:
                     res = self.layers[i]._backward(g, kl_weight, self.kl, out=(self._grad[sl], self._grad[sr]),
-                                                   accumulate=s > 0, need_grad_x=i > 0)
+                                                   accumulate=s > 0, need_grad_x=i > 0, workers=workers)
                 else:
                     m, v, hyper = adam
                     res = self.layers[i]._backward(g, kl_weight, self.kl, need_grad_x=i > 0,
-                                                   adam=((m[sl], v[sl], m[sr], v[sr]), hyper))
+                                                   adam=((m[sl], v[sl], m[sr], v[sr]), hyper), workers=workers)
                 if not self.layers[i]._last_finite:
                     raise TrainingError(f"non-finite gradient in layer {i} at step {step}", step)
                 kl_tot += res.kl
@@ -890,7 +986,8 @@ class BayesianMLP:
 
         def train_step(s, indices, i):
             """Step s on minibatch `indices` (number i of its epoch), in place on theta, m and v."""
-            return self._train_step(X[indices], y[indices], float(kl_w[i]), s, schedule, fused, clip_norm, m, v)
+            return self._threads["step"].run(lambda w: self._train_step(
+                X[indices], y[indices], float(kl_w[i]), s, schedule, fused, clip_norm, m, v, w))
 
         # On a non-finite step (TrainingError) the model goes back to the start of the step
         # before; on any other exception in the middle of a step (KeyboardInterrupt), to the
@@ -961,20 +1058,21 @@ class BayesianMLP:
             self._theta[...] = best_theta
         return self.history
 
-    def _train_step(self, xb, yb, kl_weight, step, schedule, fused, clip_norm, m, v):
+    def _train_step(self, xb, yb, kl_weight, step, schedule, fused, clip_norm, m, v, workers=None):
         """One Adam step on a minibatch, in place on theta, m and v; returns (NLL sum, KL)."""
         hyper = (step, _optim._lr_at(schedule, step), 0.9, 0.999, 1e-8)
+        nw = self.workers if workers is None else workers
         if fused:  # one sample, no clipping: each layer's kernel takes its Adam step
-            nll, klv = self._step_grad(xb, yb, kl_weight, step, adam=(m, v, hyper))
+            nll, klv = self._step_grad(xb, yb, kl_weight, step, adam=(m, v, hyper), workers=nw)
             if self._learn_noise:
                 _core.adam_update(self._theta[-1:], self._grad[-1:], m[-1:], v[-1:], *hyper, 1)
         else:
-            nll, klv = self._step_grad(xb, yb, kl_weight, step)
+            nll, klv = self._step_grad(xb, yb, kl_weight, step, workers=nw)
             if clip_norm is not None:
                 norm = float(np.sqrt(np.dot(self._grad.astype(np.float64), self._grad.astype(np.float64))))
                 if norm > clip_norm:
                     self._grad *= self.dtype.type(clip_norm / norm)
-            _core.adam_update(self._theta, self._grad, m, v, *hyper, self.workers)
+            _core.adam_update(self._theta, self._grad, m, v, *hyper, nw)
         return nll, klv
 
     def _evaluate(self, Xv, yv, S, epoch):
@@ -995,7 +1093,8 @@ class BayesianMLP:
         out = np.empty((S, X.shape[0], self.sizes[-1]), self.dtype)
         with self._guard.reading(what):
             for s in range(S):
-                out[s], _ = self._forward(X, _derive_keys(base, 2**61, s, len(self.layers)), train=False)
+                keys = _derive_keys(base, 2**61, s, len(self.layers))
+                out[s], _ = self._threads["predict"].run(lambda w: self._forward(X, keys, train=False, workers=w))
             noise = self.noise_scale
         if not np.isfinite(out).all():
             bad = ~np.isfinite(out).all(axis=2)
