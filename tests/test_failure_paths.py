@@ -241,6 +241,18 @@ def test_numpy_layer_gradient_overflow_is_an_error():
         L.backward(np.full((4, 2), 1e30, np.float32))
 
 
+def test_numpy_layer_output_overflow_is_an_error():
+    """float64 inputs and parameters that are finite but whose product overflows: an error (and
+    no backward from it), not an inf output; the caller's errstate does not change that."""
+    L = vg.BayesianLinear(3, 2, rng=0, dtype=np.float64)
+    L.loc[:6] = 1e300
+    for errstate in ("ignore", "raise"):
+        with np.errstate(all=errstate), pytest.raises(ValueError, match="output overflowed"):
+            L.forward(np.full((4, 3), 1e10), key=1)
+    with pytest.raises(ValueError, match="needs a forward"):
+        L.backward(np.ones((4, 2)))
+
+
 def test_numpy_layer_accepts_every_valid_key():
     L = vg.BayesianLinear(3, 2, rng=0, init_rho=0.0)
     x = np.ones((2, 3), np.float32)

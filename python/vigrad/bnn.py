@@ -353,7 +353,13 @@ class BayesianLinear:
         x = self._check_array(x, "x", (None, self.in_features), "(batch, in_features)")
         if sample and key is None:
             key = int(self._sign_rng.integers(0, 2**63))
-        return self._threads["forward"].run(lambda w: self._forward(x, key, sample, workers=w))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, whatever errstate says
+            out = self._threads["forward"].run(lambda w: self._forward(x, key, sample, workers=w))
+        if not np.isfinite(out).all():
+            self._cache = None
+            raise ValueError(f"the layer's output overflowed to a non-finite value although x and the parameters are "
+                             f"finite (largest |x| {float(np.abs(x).max(initial=0))}): scale the inputs down")
+        return out
 
     def _check_array(self, a, name, shape, layout):
         """A finite real array of the given shape (None: any length), as C-contiguous self.dtype."""
@@ -453,8 +459,9 @@ class BayesianLinear:
             raise ValueError("backward needs a forward(x, sample=True) first")
         G = self._check_array(grad_out, "grad_out", (self._cache[1].shape[0], self.out_features),
                               "(batch, out_features)")
-        res = self._threads["backward"].run(lambda w: self._backward(G, kl_weight, kl, workers=w))
-        if not self._last_finite:
+        with np.errstate(over="ignore", invalid="ignore"):
+            res = self._threads["backward"].run(lambda w: self._backward(G, kl_weight, kl, workers=w))
+        if not (self._last_finite and np.isfinite(res.grad_x).all()):
             raise ValueError("the gradient overflowed to a non-finite value although every input is finite "
                              f"(largest |grad_out| {float(np.abs(G).max(initial=0))}, kl_weight {kl_weight})")
         return res
