@@ -189,6 +189,20 @@ def test_an_interrupt_inside_a_fused_step_puts_the_model_back_at_its_start():
     assert not np.array_equal(m._theta, oracle._theta)
 
 
+def test_validation_outputs_that_overflow_stop_the_fit_and_roll_it_back():
+    """The validation after epoch 1 (one full-batch step) overflows: a TrainingError, and the
+    model is back at the start of that step (here, as it was built)."""
+    X, y = _classification(n=40)
+    m = vg.BayesianMLP([6, 8, 3], likelihood="categorical", rng=0)
+    start = m._theta.copy()
+    Xv = np.full((5, 6), 3e38, np.float32)  # finite in float32; the outputs are not
+    with np.errstate(all="ignore"), pytest.raises(vg.bnn.TrainingError,
+                                                  match="validation after step 0 .*rolled back to the start of step 0"):
+        m.fit(X, y, epochs=3, batch_size=40, validation_data=(Xv, np.zeros(5, int)))
+    np.testing.assert_array_equal(m._theta, start)
+    assert m._opt_state[0] == 0
+
+
 def test_predictions_with_non_finite_outputs_raise():
     X, y = _classification(n=40)
     m = vg.BayesianMLP([6, 8, 3], likelihood="categorical", rng=0)
