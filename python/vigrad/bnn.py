@@ -221,6 +221,17 @@ def _write_atomically(path, write):
                 os.close(dfd)
 
 
+def _finite_as(a, name, dtype, owner):
+    """The finite real array ``a`` as C-contiguous ``dtype``; a ValueError names the argument when
+    a value is not finite or lies beyond the range of ``dtype``."""
+    check_finite(a, name)
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(a, dtype=dtype)
+    if not np.isfinite(out).all():
+        raise ValueError(f"{name} has values beyond the range of the {owner}'s dtype {dtype}")
+    return out
+
+
 def _check_key(key) -> int:
     if isinstance(key, (bool, np.bool_)) or not isinstance(key, numbers.Integral):
         raise TypeError(f"key must be an int in [0, 2**64) or None, got {type(key).__name__} {key!r}")
@@ -367,12 +378,7 @@ class BayesianLinear:
         if a.ndim != len(shape) or any(n is not None and n != k for n, k in zip(shape, a.shape)):
             want = ", ".join("batch" if n is None else str(n) for n in shape)
             raise ValueError(f"{name} must have shape {layout} = ({want}), got {a.shape}")
-        check_finite(a, name)
-        with np.errstate(over="ignore"):
-            out = np.ascontiguousarray(a, dtype=self.dtype)
-        if not np.isfinite(out).all():
-            raise ValueError(f"{name} has values beyond the range of the layer's dtype {self.dtype}")
-        return out
+        return _finite_as(a, name, self.dtype, "layer")
 
     def _forward(self, x, key, sample=True, train=True, workers=None):
         """forward on checked arguments.  train=True keeps what backward needs (the layer's one
@@ -842,12 +848,7 @@ class BayesianMLP:
         X = as_float_array(X, name)
         if X.ndim != 2 or X.shape[1] != self.sizes[0]:
             raise ValueError(f"{name} must have shape (N, {self.sizes[0]}), got {X.shape}")
-        check_finite(X, name)
-        with np.errstate(over="ignore"):
-            Xc = np.ascontiguousarray(X, dtype=self.dtype)
-        if not np.isfinite(Xc).all():
-            raise ValueError(f"{name} has values beyond the range of the model's dtype {self.dtype}")
-        return Xc
+        return _finite_as(X, name, self.dtype, "model")
 
     def _check_y(self, y, n, name="y"):
         if self.likelihood == "categorical":
@@ -868,12 +869,7 @@ class BayesianMLP:
             y = y.reshape(n, 1)
         if y.shape != (n, out):
             raise ValueError(f"{name} must have shape ({n},) or ({n}, {out}) like X, got {y.shape}")
-        check_finite(y, name)
-        with np.errstate(over="ignore"):
-            yc = np.ascontiguousarray(y, dtype=self.dtype)
-        if not np.isfinite(yc).all():
-            raise ValueError(f"{name} has values beyond the range of the model's dtype {self.dtype}")
-        return yc
+        return _finite_as(y, name, self.dtype, "model")
 
     # -- training ----------------------------------------------------------------------------------
     def fit(self, X, y, *, epochs, batch_size=128, lr=1e-3, kl_weighting="uniform", validation_data=None,
