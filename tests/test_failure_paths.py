@@ -128,6 +128,7 @@ def test_diverged_fit_rolls_back_to_the_last_finite_step(likelihood, num_samples
     assert info.value.step == 41 and info.value.restored_step == 40
     oracle = make()
     oracle.fit(X, y, epochs=10, batch_size=20, lr=_blow_up_at(40))
+    assert m.history == oracle.history  # the ten epochs the restored parameters completed
     assert m._opt_state[0] == oracle._opt_state[0] == 40
     np.testing.assert_array_equal(m._theta, oracle._theta)
     np.testing.assert_array_equal(m._opt_state[1], oracle._opt_state[1])
@@ -201,6 +202,7 @@ def test_validation_outputs_that_overflow_stop_the_fit_and_roll_it_back():
         m.fit(X, y, epochs=3, batch_size=40, validation_data=(Xv, np.zeros(5, int)))
     np.testing.assert_array_equal(m._theta, start)
     assert m._opt_state[0] == 0
+    assert all(len(values) == 0 for values in m.history.values())  # the epoch was undone
 
 
 def test_predictions_with_non_finite_outputs_raise():

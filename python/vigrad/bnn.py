@@ -349,9 +349,9 @@ class BayesianLinear:
     def _mm(self, workers, a, b, **kw):
         """op(a) @ op(b) on `workers` threads; one thread below ~2M multiply-adds, where a team's
         start and barrier cost more than they save (the core's other kernels do the same)."""
-        A0, K = (a.shape[1], a.shape[0]) if kw.get("trans_a") else a.shape
-        N = b.shape[0] if kw.get("trans_b") else b.shape[1]
-        return _blas.matmul(a, b, workers=workers if A0 * K * N >= _MIN_PARALLEL_WORK else 1, **kw)
+        rows, inner = (a.shape[1], a.shape[0]) if kw.get("trans_a") else a.shape
+        cols = b.shape[0] if kw.get("trans_b") else b.shape[1]
+        return _blas.matmul(a, b, workers=workers if rows * inner * cols >= _MIN_PARALLEL_WORK else 1, **kw)
 
     def forward(self, x, *, key=None, sample=True):
         """Outputs (B, out) for inputs (B, in).  ``key`` fixes the noise (an int in [0, 2**64));
@@ -544,8 +544,9 @@ class _Guard:
                                    "re-entered); train one model from one thread at a time, or train copies "
                                    "(copy.deepcopy(model))")
             self._trainer = me
-            self._cond.wait_for(lambda: self._readers == 0)
-        try:
+        try:  # (an interrupt while waiting must free the model too)
+            with self._cond:
+                self._cond.wait_for(lambda: self._readers == 0)
             yield
         finally:
             with self._cond:
@@ -997,6 +998,7 @@ class BayesianMLP:
         # start of that step: never left diverged or half updated.
         rewind = _Rewind((self._theta, m, v), step)
         dirty = False
+        epoch_ends = []  # the step counter at the end of each epoch of this fit
         t0 = time.perf_counter()
         sums = [0.0, 0.0, 0]
         try:
@@ -1014,6 +1016,7 @@ class BayesianMLP:
                     continue
                 # end of an epoch
                 epoch = batch.step // M
+                epoch_ends.append(step)
                 self._opt_state = (step, m, v)
                 n_seen = sums[2]
                 self.history["nll"].append(sums[0] / n_seen)
@@ -1047,6 +1050,10 @@ class BayesianMLP:
             failed = step if exc.step is None else exc.step
             back = rewind.rewind(failed - 1, train_step)
             self._opt_state = (back, m, v)
+            # the history keeps the epochs the restored parameters have completed
+            keep = len(self.history["loss"]) - sum(end > back for end in epoch_ends)
+            for values in self.history.values():
+                del values[keep:]
             where = (f"the start of step {back}, the last step whose loss and gradient were finite" if back < failed
                      else f"step {back}, as before this fit")
             raise TrainingError(f"{exc}; the parameters and the optimiser state are rolled back to {where}",
