@@ -20,11 +20,11 @@ Threads: vigrad's core and PyTorch load the same OpenMP runtime (libgomp), so th
 regions share one pool of threads, whose idle threads spin for a while before they sleep.  On a
 machine where other processes hold the cores, every region then waits at its barrier for a
 thread the OS has not scheduled: a small network's step can take 100x longer with two threads
-than with one (measured on 2 busy cores, 64-128-10: 175 ms against 1.2 ms), in PyTorch's own
-operations as much as in vigrad's.  vigrad's layers choose their threads by measurement
-(``workers=None``); for PyTorch's, ``torch.set_num_threads(1)`` for a small model, or
-``OMP_WAIT_POLICY=passive`` in the environment before Python starts (idle threads then sleep at
-once), removes the stalls (see bench/test_bench_threads.py).
+than with one (measured on 2 cores shared with several busy processes, 64-128-10 at batch 64:
+175 ms against 1.2 ms), in PyTorch's own operations as much as in vigrad's.  vigrad's layers
+choose their threads by measurement (``workers=None``); for PyTorch's, ``torch.set_num_threads(1)``
+for a small model, or ``OMP_WAIT_POLICY=passive`` in the environment before Python starts (idle
+threads then sleep at once), removes the stalls (see bench/test_bench_threads.py).
 
 Examples
 --------
