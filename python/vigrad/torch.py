@@ -16,6 +16,16 @@ through ``torch.from_numpy``.
 Eval mode (``module.eval()``) uses the mean weights: no noise, no KL recorded.  To draw Monte
 Carlo predictions in eval mode, wrap them in ``with vgt.sampling(model): ...``.
 
+Threads: vigrad's core and PyTorch load the same OpenMP runtime (libgomp), so their parallel
+regions share one pool of threads, whose idle threads spin for a while before they sleep.  On a
+machine where other processes hold the cores, every region then waits at its barrier for a
+thread the OS has not scheduled: a small network's step can take 100x longer with two threads
+than with one (measured on 2 cores shared with several busy processes, 64-128-10 at batch 64:
+175 ms against 1.2 ms), in PyTorch's own operations as much as in vigrad's.  vigrad's layers
+choose their threads by measurement (``workers=None``); for PyTorch's, ``torch.set_num_threads(1)``
+for a small model, or ``OMP_WAIT_POLICY=passive`` in the environment before Python starts (idle
+threads then sleep at once), removes the stalls (see bench/test_bench_threads.py).
+
 Examples
 --------
 >>> import torch, vigrad as vg, vigrad.torch as vgt
@@ -33,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import time
 from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -41,7 +52,7 @@ from torch import nn
 
 from . import _core
 from ._validation import check_num_samples, check_real, resolve_workers
-from .bnn import _derive_keys
+from .bnn import _derive_keys, _Threads
 from .distributions import Normal, ScaleMixtureNormal
 
 __all__ = ["BayesianLinear", "DeviceError", "derive_key", "kl_loss", "sample_weights", "sampling"]
@@ -406,7 +417,10 @@ class BayesianLinear(nn.Module):
     dtype : torch.float32 or torch.float64, optional
         Default: torch.get_default_dtype().  ``module.to(torch.float64)`` converts later.
     workers : int or None
-        Threads for the core (None: vigrad.max_workers).
+        Threads for vigrad's kernels.  None: one thread or vigrad.max_workers, whichever the
+        layer's forwards measure faster, re-measured as the machine's load changes.  PyTorch's
+        own operations run on ``torch.get_num_threads()`` threads of the same OpenMP pool; see
+        the module's notes on threads.
 
     Attributes
     ----------
@@ -453,10 +467,12 @@ class BayesianLinear(nn.Module):
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if dtype not in _NP_DTYPES:
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        # every core by default: inside PyTorch the matrix products run on torch's own pool, which
-        # does not hold the cores the way NumPy's OpenBLAS does (measured, 784-400-400-10 step:
-        # 5.3 ms with two threads, 7.2 ms with one)
+        # None: one thread or every core for vigrad's kernels, whichever the layer's forwards
+        # measure faster (vigrad.bnn._Threads): two threads help a large layer on an idle machine
+        # (784-400-400-10 step: 5.3 ms with two, 7.2 ms with one) and cost many times that when
+        # other work holds the cores
         self.workers = resolve_workers(workers)
+        self._threads = _Threads(self.workers, workers is None)
         self._work_buffers = {}
         if seed is None:
             seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
@@ -565,10 +581,13 @@ class BayesianLinear(nn.Module):
         normal = isinstance(self.prior, Normal)
         kernel = _core.bbb_grad_normal if normal else _core.bbb_grad_mixture
         noise_kernel = _core.bbb_noise_kl_normal if normal else _core.bbb_noise_kl_mixture
+        nw = self._threads.pick()  # the backward of this forward uses the same threads
         spec = _Spec(self.estimator, self.kl, key, kernel, noise_kernel,
-                     _prior_flat(self.prior, np_dtype, (self.num_params,)), self.workers, self.in_features,
+                     _prior_flat(self.prior, np_dtype, (self.num_params,)), nw, self.in_features,
                      self.out_features, self._work_buffers)
+        t0 = time.perf_counter()
         y, kl = _LinearFn.apply(x2, self.loc, self.rho, spec)
+        self._threads.record(nw, time.perf_counter() - t0)
         self.last_kl, self.last_key = kl, key
         return y.reshape(*lead, self.out_features)
 
