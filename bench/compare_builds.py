@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--venvs", type=Path, required=True, help="folder for the per-build virtual environments")
     ap.add_argument("--no-build", action="store_true", help="use the builds already in --venvs")
+    ap.add_argument("--build-only", action="store_true", help="build, then stop")
     ap.add_argument("--repeats", type=int, default=2, help="rounds over all configurations (default 2)")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--json", type=Path, help="also save the medians here")
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
         for b in BUILDS:
             if b in needed:
                 build(args.venvs, b)
+    if args.build_only:
+        return 0
     runs: dict[str, list[dict[str, float]]] = {c: [] for c in args.configs}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
