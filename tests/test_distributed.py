@@ -16,6 +16,9 @@ from vigrad import distributed as vgd
 distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
 
 N, D = 20_000, 20
+# every server on the loopback address; the scheduler's HTTP server (health, metrics) on a free
+# port there, with no dashboard
+LOOPBACK_NO_DASHBOARD = dict(dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False})
 
 
 def logistic_log_lik(z, X, y):
@@ -42,7 +45,7 @@ def data():
 @pytest.fixture(scope="module")
 def client():
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                       dashboard_address=None)
+                                       **LOOPBACK_NO_DASHBOARD)
     c = distributed.Client(cluster)
     try:
         yield c
@@ -174,7 +177,7 @@ def test_a_shards_exception_reaches_the_caller_with_its_index(data, client):
 def test_a_closed_client_is_a_clear_error(data):
     X, y = data
     cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                       dashboard_address=None)
+                                       **LOOPBACK_NO_DASHBOARD)
     c = distributed.Client(cluster)
     lj = vgd.shard_log_joint(logistic_log_lik, (X[:100], y[:100]), client=c)
     c.close()

@@ -99,27 +99,40 @@ def _call_shard(log_lik, z, arrays, shard):
 class _ShardedLogJoint:
     """``log_joint(z) -> (values (S,), grads (S, d))`` summed over the shards (see shard_log_joint)."""
 
+    # how often one call may place a lost shard again before it gives up
+    _MAX_PLACEMENTS = 3
+
     def __init__(self, log_lik, arrays, n, shards, client, log_prior):
         self.log_lik, self.log_prior, self.client = log_lik, log_prior, client
         self.shards, self.rows = shards, n
         self.bounds = split_rows(n, shards)
         self._lock = threading.Lock()
+        self._arrays = arrays
         if client is None:
             self._local = [[_materialise(a, s, e) for a in arrays] for s, e in self.bounds]
             self._futures = None
         else:
             self._local = None
-            self._futures = []
-            workers = list(client.scheduler_info()["workers"])
-            for i, (s, e) in enumerate(self.bounds):
-                parts = [_materialise(a, s, e) for a in arrays]
-                # hash=False: two equal shards are still two objects; replicated below
-                fut = client.scatter(parts, workers=[workers[i % len(workers)]], hash=False)
-                self._futures.append(fut)
-            if len(workers) > 1:
-                # every shard on (up to) two workers, so that losing one worker loses no shard
-                client.replicate([f for part in self._futures for f in part], n=min(2, len(workers)))
-        self.bytes_per_call_note = "z out to every shard, (values, grads) back from every shard"
+            self._futures = [self._place(i) for i in range(shards)]
+
+    def _place(self, i, pin=True):
+        """Sends shard i's rows to the workers: to one chosen by the shard's index (``pin``; else
+        where the scheduler likes), and a copy to a second worker where there is one, so that
+        losing one worker usually loses no shard.  Dask's memory manager may drop the extra copy
+        later: a shard whose every copy was lost is placed again from this process's arrays
+        (see _remote)."""
+        s, e = self.bounds[i]
+        parts = [_materialise(a, s, e) for a in self._arrays]
+        workers = sorted(self.client.scheduler_info()["workers"])
+        where = [workers[i % len(workers)]] if pin and workers else None
+        # hash=False: two equal shards are still two objects
+        fut = self.client.scatter(parts, workers=where, hash=False)
+        if len(workers) > 1:
+            try:
+                self.client.replicate(fut, n=2)
+            except Exception:  # best effort: a worker may be leaving right now
+                pass
+        return fut
 
     def __repr__(self):
         where = "this process" if self.client is None else f"{len(self.client.scheduler_info()['workers'])} workers"
@@ -161,20 +174,38 @@ class _ShardedLogJoint:
             # z travels inside each task (S x d numbers), not scattered to one worker first: a
             # task whose worker dies is simply run again elsewhere, with nothing to re-fetch
             zc = np.array(z, copy=True)
-            try:
-                futs = [client.submit(_call_shard, self.log_lik, zc, part, i, pure=False)
-                        for i, part in enumerate(self._futures)]
-            except Exception as exc:
-                raise ShardError(f"could not send the samples to the workers: {type(exc).__name__}: {exc}") from exc
-            results = []
-            for i, f in enumerate(futs):
+            results = [None] * self.shards
+            todo = list(range(self.shards))
+            for attempt in range(self._MAX_PLACEMENTS):
                 try:
-                    results.append(f.result())
+                    futs = {i: client.submit(_call_shard, self.log_lik, zc, self._futures[i], i, pure=False)
+                            for i in todo}
                 except Exception as exc:
-                    if type(exc).__name__ in ("CancelledError", "CommClosedError", "TimeoutError", "KilledWorker"):
-                        raise ShardError(f"the cluster failed while computing shard {i}: "
-                                         f"{type(exc).__name__}: {exc}", i) from exc
-                    raise ShardError(f"log_lik raised on shard {i}: {type(exc).__name__}: {exc}", i) from exc
+                    raise ShardError(f"could not send the samples to the workers: {type(exc).__name__}: "
+                                     f"{exc}") from exc
+                lost = []
+                for i, f in futs.items():
+                    try:
+                        results[i] = f.result()
+                    except Exception as exc:
+                        name = type(exc).__name__
+                        if name in ("FutureCancelledError", "CancelledError") and attempt + 1 < self._MAX_PLACEMENTS:
+                            lost.append(i)  # every copy of the shard's rows went with a dead worker
+                        elif name in ("FutureCancelledError", "CancelledError", "CommClosedError",
+                                      "TimeoutError", "KilledWorker"):
+                            raise ShardError(f"the cluster failed while computing shard {i}: {name}: {exc}",
+                                             i) from exc
+                        else:
+                            raise ShardError(f"log_lik raised on shard {i}: {name}: {exc}", i) from exc
+                if not lost:
+                    break
+                try:
+                    for i in lost:
+                        self._futures[i] = self._place(i, pin=False)
+                except Exception as exc:
+                    raise ShardError(f"could not place shard {i} on the workers again: {type(exc).__name__}: "
+                                     f"{exc}", i) from exc
+                todo = lost
             return results
 
 
