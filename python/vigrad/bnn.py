@@ -12,6 +12,9 @@ rather than stored.  Three estimators:
 - ``"flipout"`` (Wen et al. 2018): one perturbation shared by the minibatch, decorrelated per
   example by random sign flips of inputs and outputs.
 
+The layer's arithmetic, keys and noise are :mod:`vigrad._layer_ops`'s, shared with
+:class:`vigrad.torch.BayesianLinear`; this module gives it NumPy arrays and vigrad's gemm.
+
 :class:`BayesianMLP` stacks them with ReLU, a Gaussian (learned or fixed noise) or
 categorical likelihood, and trains by minibatch Adam on F_i = kl_weight_i KL - log P(D_i | w).
 """
@@ -34,6 +37,7 @@ from typing import Dict, List, NamedTuple, Optional
 import numpy as np
 
 from . import _blas, _core
+from . import _layer_ops as _ops
 from . import data as _data
 from . import optim as _optim
 from ._validation import as_float_array, check_finite, check_num_samples, check_real, resolve_rng, resolve_workers
@@ -41,13 +45,14 @@ from .distributions import Normal, ScaleMixtureNormal
 
 __all__ = ["BayesianLinear", "BayesianMLP", "LayerGrads", "TrainingError"]
 
-_ESTIMATORS = ("reparam", "local", "flipout")
 _FORMAT = "vigrad.BayesianMLP"
 _FORMAT_VERSION = 1
 
-
-#: Below this many multiply-adds a matrix product runs on one thread (the core's kMinParallelWork).
-_MIN_PARALLEL_WORK = 1 << 21
+# one implementation of the layer for both front ends (see vigrad._layer_ops); the old names stay
+_ESTIMATORS = _ops.ESTIMATORS
+_Threads = _ops.Threads
+_derive_keys = _ops.derive_keys
+default_prior = _ops.default_prior
 
 
 def layer_workers(workers):
@@ -60,87 +65,6 @@ def layer_workers(workers):
     if workers is None:
         return resolve_workers(None) if _blas.available() else 1
     return resolve_workers(workers)
-
-
-class _Threads:
-    """How many threads a repeated call runs on: a fixed number (``workers`` given), or with
-    ``workers=None`` one thread or all of them, whichever measures faster, re-measured as the
-    machine's load changes.
-
-    Why measure: vigrad's threads are an OpenMP team (libgomp, one pool shared with PyTorch when
-    both are loaded), whose idle threads spin for a while (GOMP_SPINCOUNT) before they sleep.  On
-    an idle machine a team of two runs a large network's step up to ~1.8x faster than one thread;
-    when other processes hold the cores, each parallel region waits at its barrier for a thread
-    the OS has not scheduled, while the spinning ones take the CPU from it (measured on 2 cores
-    with other work running: 784-400-400-10, batch 128, 11 ms per step on one thread, 122 ms on
-    two).  No fixed choice comes within 1.3x of the best in both cases; a measurement does.  The
-    results are bit-identical for any number of threads, so switching never changes them.
-
-    The first calls alternate between the choices (the first of each discarded: thread start,
-    page faults); then the faster by an exponential moving average of the call times is used,
-    and the other one is timed once every ``PROBE * (its time / the best time)`` calls, so that
-    the probes cost about 1/PROBE of the time and the choice follows the load."""
-
-    SAMPLES, PROBE, MAX_GAP, ALPHA = 3, 32, 4096, 0.3
-
-    def __init__(self, workers, auto):
-        self.choices = (1, workers) if auto and workers > 1 else (workers,)
-        self._reset()
-
-    def _reset(self):
-        self._lock = threading.Lock()
-        self._seen = dict.fromkeys(self.choices, 0)
-        self._ema = {}
-        self._calls = self._next_probe = 0
-
-    def __getstate__(self):  # copies and pickles start measuring afresh
-        return {"choices": self.choices}
-
-    def __setstate__(self, state):
-        self.choices = state["choices"]
-        self._reset()
-
-    def pick(self) -> int:
-        if len(self.choices) == 1:
-            return self.choices[0]
-        with self._lock:
-            fewest = min(self.choices, key=self._seen.get)
-            if self._seen[fewest] <= self.SAMPLES:  # one discarded + SAMPLES timed, alternating
-                return fewest
-            best = min(self.choices, key=self._ema.get)
-            if self._calls >= self._next_probe:
-                return self.choices[0] if best != self.choices[0] else self.choices[1]
-            return best
-
-    def record(self, choice, seconds):
-        with self._lock:
-            self._calls += 1
-            self._seen[choice] += 1
-            if self._seen[choice] == 1:
-                return
-            old = self._ema.get(choice)
-            self._ema[choice] = seconds if old is None else old + self.ALPHA * (seconds - old)
-            if len(self._ema) < len(self.choices):
-                return
-            best = min(self._ema.values())
-            if self._ema[choice] > best:  # the other one was timed: when to time it next
-                gap = self.PROBE * self._ema[choice] / max(best, 1e-9)
-                self._next_probe = self._calls + int(min(gap, self.MAX_GAP))
-
-    def run(self, fn):
-        """fn(workers), on the chosen number of threads, timed when there is a choice."""
-        if len(self.choices) == 1:
-            return fn(self.choices[0])
-        w = self.pick()
-        t0 = time.perf_counter()
-        out = fn(w)
-        self.record(w, time.perf_counter() - t0)
-        return out
-
-
-def default_prior():
-    """Blundell et al.'s scale mixture 0.5 N(0, 1) + 0.5 N(0, e^-12) (sigma2 = e^-6)."""
-    return ScaleMixtureNormal(0.5, 1.0, math.exp(-6))
 
 
 class LayerGrads(NamedTuple):
@@ -165,26 +89,6 @@ class TrainingError(ValueError):
         super().__init__(message)
         self.step = step
         self.restored_step = restored_step
-
-
-def _derive_keys(base: int, step: int, sample: int, n: int) -> List[int]:
-    """n 64-bit keys for (step, sample), a pure function of (base, step, sample): training
-    resumed at any step draws exactly the noise of an uninterrupted run."""
-    ctr = np.zeros((n, 4), dtype=np.uint32)
-    ctr[:, 0] = np.arange(n, dtype=np.uint32)
-    ctr[:, 1] = sample & 0xFFFFFFFF
-    ctr[:, 2] = step & 0xFFFFFFFF
-    ctr[:, 3] = (step >> 32) & 0xFFFFFFFF
-    out = _core.philox4x32_10(ctr, base).astype(np.uint64)
-    return [int(x) for x in (out[:, 0] | (out[:, 1] << np.uint64(32)))]
-
-
-def _prior_kernel(prior, dtype, D):
-    if isinstance(prior, Normal):
-        return _core.bbb_grad_normal, prior._flat_params(dtype, (D,))
-    if isinstance(prior, ScaleMixtureNormal):
-        return _core.bbb_grad_mixture, prior._flat_params(dtype, (D,))
-    raise TypeError(f"prior must be a vigrad Normal or ScaleMixtureNormal, got {type(prior).__name__}")
 
 
 def _write_atomically(path, write):
@@ -278,12 +182,8 @@ class BayesianLinear:
                  init_rho=-7.0, rng=None, params=None, workers=None):
         self.in_features = check_num_samples(in_features, "in_features")
         self.out_features = check_num_samples(out_features, "out_features")
-        if not isinstance(estimator, str) or estimator not in _ESTIMATORS:
-            raise ValueError(f"estimator must be one of {', '.join(map(repr, _ESTIMATORS))}, got {estimator!r}")
-        self.estimator = estimator
-        self.prior = default_prior() if prior is None else prior
-        if not isinstance(self.prior, (Normal, ScaleMixtureNormal)):
-            raise TypeError(f"prior must be a vigrad Normal or ScaleMixtureNormal, got {type(self.prior).__name__}")
+        self.estimator = _ops.check_estimator(estimator)
+        self.prior = _ops.check_prior(default_prior() if prior is None else prior)
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
@@ -303,9 +203,9 @@ class BayesianLinear:
         self.loc, self.rho = loc, rho
         self.key = int(gen.integers(0, 2**64, dtype=np.uint64))
         self._sign_rng = np.random.default_rng(gen.integers(0, 2**63))
-        self._cache = None
+        self._cache = None  # what the last training forward keeps for backward (an _ops.Saved)
         self._buffers = {}
-        self._kernel, self._prior_params = _prior_kernel(self.prior, self.dtype, n)
+        self._ops = _ops.LinearOps(self.in_features, self.out_features, self.estimator, self.prior, self.dtype)
 
     @property
     def num_params(self) -> int:
@@ -318,8 +218,7 @@ class BayesianLinear:
         return state
 
     def _split(self, flat):
-        k = self.in_features * self.out_features
-        return flat[:k].reshape(self.out_features, self.in_features), flat[k:]
+        return _ops.split(flat, self.in_features, self.out_features)
 
     @property
     def weight_loc(self):
@@ -346,12 +245,9 @@ class BayesianLinear:
             buf = self._buffers[name] = np.empty(shape, self.dtype)
         return buf
 
-    def _mm(self, workers, a, b, **kw):
-        """op(a) @ op(b) on `workers` threads; one thread below ~2M multiply-adds, where a team's
-        start and barrier cost more than they save (the core's other kernels do the same)."""
-        rows, inner = (a.shape[1], a.shape[0]) if kw.get("trans_a") else a.shape
-        cols = b.shape[0] if kw.get("trans_b") else b.shape[1]
-        return _blas.matmul(a, b, workers=workers if rows * inner * cols >= _MIN_PARALLEL_WORK else 1, **kw)
+    def _products(self, workers):
+        """The layer's matrix products on ``workers`` threads, work arrays from its buffers."""
+        return _ops.NumpyProducts(workers, self.dtype, self._buffer)
 
     def forward(self, x, *, key=None, sample=True):
         """Outputs (B, out) for inputs (B, in).  ``key`` fixes the noise (an int in [0, 2**64));
@@ -380,73 +276,24 @@ class BayesianLinear:
             raise ValueError(f"{name} must have shape {layout} = ({want}), got {a.shape}")
         return _finite_as(a, name, self.dtype, "layer")
 
-    def _forward(self, x, key, sample=True, train=True, workers=None):
+    def _forward(self, x, key, sample=True, train=True, workers=None, row_offset=0):
         """forward on checked arguments.  train=True keeps what backward needs (the layer's one
         cache) and writes the sampled weights into the layer's persistent buffer; train=False
         touches no state of the layer (fresh arrays, nothing cached), so that any number of
         threads may predict with one layer at once.  workers: threads for this call (None: the
-        layer's)."""
+        layer's).  row_offset: the position of x's first row in its minibatch (the per-example
+        noise of "local" and "flipout" is keyed by it)."""
         nw = self.workers if workers is None else workers
-        M, mb = self._split(self.loc)
+        p = self._products(nw)
         if not sample:
             if train:
                 self._cache = None
-            out = self._mm(nw, x, M, trans_b=True)
-            out += mb
-            return out
-        n = self.num_params
-        if self.estimator == "reparam":
-            w = self._buffer("w", (n,)) if train else np.empty(n, self.dtype)
-            _core.bbb_noise("weights", key, self.loc, self.rho, w, nw)
-            W, b = self._split(w)
-            if train:
-                self._cache = (key, x, W)
-            out = self._mm(nw, x, W, trans_b=True)
-            out += b
-            return out
-        if self.estimator == "flipout":
-            dw = self._buffer("w", (n,)) if train else np.empty(n, self.dtype)
-            _core.bbb_noise("perturbation", key, self.loc, self.rho, dw, nw)
-            dW, db = self._split(dw)
-            signs = np.random.default_rng(key).integers(0, 2, size=(x.shape[0], self.in_features + self.out_features),
-                                                        dtype=np.int8)
-            signs = (2 * signs - 1).astype(self.dtype)
-            S, R = signs[:, :self.in_features], signs[:, self.in_features:]
-            xs = x * S
-            if train:
-                self._cache = (key, x, xs, S, R, dW, M)
-            pert = self._mm(nw, xs, dW, trans_b=True)
-            pert += db
-            pert *= R
-            out = self._mm(nw, x, M, trans_b=True)
-            out += mb
-            out += pert
-            return out
-        # local reparameterisation
-        var = _core.softplus(self.rho, nw)
-        var *= var
-        V, vb = self._split(var)
-        x2 = x * x
-        delta = self._mm(nw, x2, V, trans_b=True)
-        delta += vb
-        std = np.sqrt(delta)
-        zeta = np.empty((1, x.shape[0] * self.out_features), self.dtype)
-        _core.standard_normal(key ^ 0x5DEECE66D, zeta, nw)
-        zeta = zeta.reshape(x.shape[0], self.out_features)
+            return self._ops.mean(p, x, self.loc)
+        noise_out = self._buffer("w", (self.num_params,)) if train else None
+        out, _, saved = self._ops.forward(p, key, x, self.loc, self.rho, noise_out=noise_out, row_offset=row_offset,
+                                          workers=nw)
         if train:
-            self._cache = (key, x, x2, V, std, zeta, M)
-        out = self._mm(nw, x, M, trans_b=True)
-        out += mb
-        out += std * zeta
-        return out
-
-    def _param_grad(self, G, x, name, nw):
-        """[G^T x (flattened), column sums of G]: the gradient of sum(G * (x W^T + b)) in (W, b),
-        written into a persistent buffer."""
-        k = self.in_features * self.out_features
-        out = self._buffer(name, (self.num_params,))
-        self._mm(nw, G, x, trans_a=True, out=out[:k].reshape(self.out_features, self.in_features))
-        np.sum(G, axis=0, out=out[k:])
+            self._cache = saved
         return out
 
     def backward(self, grad_out, *, kl_weight=1.0, kl="mc") -> LayerGrads:
@@ -457,13 +304,10 @@ class BayesianLinear:
         Normal prior; ``"none"``: the data term only), and the KL value.
         """
         kl_weight = check_real(kl_weight, "kl_weight", nonnegative=True)
-        if not isinstance(kl, str) or kl not in ("mc", "analytic", "none"):
-            raise ValueError(f"kl must be 'mc', 'analytic' or 'none', got {kl!r}")
-        if kl == "analytic" and not isinstance(self.prior, Normal):
-            raise ValueError("kl='analytic' needs a Normal prior (no closed form for the scale mixture); use 'mc'")
+        _ops.check_kl(kl, self.prior, ("mc", "analytic", "none"))
         if self._cache is None:
             raise ValueError("backward needs a forward(x, sample=True) first")
-        G = self._check_array(grad_out, "grad_out", (self._cache[1].shape[0], self.out_features),
+        G = self._check_array(grad_out, "grad_out", (self._cache.x.shape[0], self.out_features),
                               "(batch, out_features)")
         with np.errstate(over="ignore", invalid="ignore"):
             res = self._threads["backward"].run(lambda w: self._backward(G, kl_weight, kl, workers=w))
@@ -480,45 +324,18 @@ class BayesianLinear:
         the Adam step on loc and rho (the gradients are then None unless ``out`` is given).
         workers: threads for this call (None: the layer's)."""
         nw = self.workers if workers is None else workers
-        if self._cache is None:
+        saved = self._cache
+        if saved is None:
             raise ValueError("backward needs a forward(x, sample=True) first")
         G = np.ascontiguousarray(grad_out, dtype=self.dtype)
-        key, x = self._cache[0], self._cache[1]
-        if G.shape != (x.shape[0], self.out_features):
-            raise ValueError(f"grad_out must have shape {(x.shape[0], self.out_features)}, got {G.shape}")
-        A = self._param_grad(G, x, "A", nw)
-        grad_x = None
-        if self.estimator == "reparam":
-            W = self._cache[2]
-            if need_grad_x:
-                grad_x = self._mm(nw, G, W)
-            data, BC = "reparam", None
-        elif self.estimator == "flipout":
-            _, _, xs, S, R, dW, M = self._cache
-            GR = G * R
-            BC = self._param_grad(GR, xs, "B", nw)
-            if need_grad_x:
-                grad_x = self._mm(nw, GR, dW)
-                grad_x *= S
-                self._mm(nw, G, M, out=grad_x, accumulate=True)
-            data = "times_eps"
-        else:
-            _, _, x2, V, std, zeta, M = self._cache
-            H = G * zeta / (2.0 * std)
-            BC = self._param_grad(H, x2, "B", nw)
-            BC *= _core.softplus(self.rho, nw)
-            BC *= self.dtype.type(2)
-            if need_grad_x:
-                grad_x = self._mm(nw, H, V)
-                grad_x *= x
-                grad_x *= self.dtype.type(2)
-                self._mm(nw, G, M, out=grad_x, accumulate=True)
-            data = "direct"
+        if G.shape != (saved.x.shape[0], self.out_features):
+            raise ValueError(f"grad_out must have shape {(saved.x.shape[0], self.out_features)}, got {G.shape}")
+        grad_x, A, BC, data = self._ops.backward(self._products(nw), saved, G, need_x=need_grad_x)
         kw = {} if out is None else {"out_loc": out[0], "out_rho": out[1], "accumulate": accumulate}
         if adam is not None:  # the fused Adam step: (m_loc, v_loc, m_rho, v_rho), (step, lr, b1, b2, eps)
             kw["adam_state"], kw["adam"] = adam
-        gl, gr, klv, finite = self._kernel(data, kl, key, self.loc, self.rho, A, BC, *self._prior_params, kl_weight,
-                                           nw, **kw)
+        gl, gr, klv, finite = self._ops.param_grads(data, kl, saved.key, self.loc, self.rho, A, BC, kl_weight, nw,
+                                                    **kw)
         self._last_finite = finite
         if grad_x is not None:
             grad_x = grad_x.astype(self.dtype, copy=False)
