@@ -440,7 +440,7 @@ class BayesianLinear(nn.Module):
         if dtype not in _NP_DTYPES:
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         # None: one thread or every core for vigrad's kernels, whichever the layer's forwards
-        # measure faster (vigrad.bnn._Threads): two threads help a large layer on an idle machine
+        # measure faster (vigrad._layer_ops.Threads): two threads help a large layer on an idle machine
         # (784-400-400-10 step: 5.3 ms with two, 7.2 ms with one) and cost many times that when
         # other work holds the cores
         self.workers = resolve_workers(workers)
