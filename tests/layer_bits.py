@@ -97,25 +97,19 @@ def _numpy_layer_cases(out):
                 _put(out, f"{tag}/auto/y", y)
                 _put(out, f"{tag}/auto/grad_loc", layer.backward(G, kl_weight=1.0).grad_loc)
         # medium: the products split their inner dimension (> OpenBLAS's K block) and their rows
-        rng = np.random.default_rng(12)
-        x = rng.normal(size=(48, 24)).astype(np.float32)
-        G = rng.normal(size=(48, 520)).astype(np.float32)
-        layer = vg.BayesianLinear(24, 520, estimator=est, init_rho=-3.0, rng=4)
-        y = layer.forward(x, key=99)
-        g = layer.backward(G, kl_weight=0.01)
-        tag = f"np/{est}/medium"
-        for k, v in (("y", y), ("grad_x", g.grad_x), ("grad_loc", g.grad_loc), ("grad_rho", g.grad_rho)):
-            _put(out, f"{tag}/{k}", v, big=True)
-        _put(out, f"{tag}/kl", g.kl)
-        rng = np.random.default_rng(13)
-        x = rng.normal(size=(40, 600)).astype(np.float32)
-        G = rng.normal(size=(40, 30)).astype(np.float32)
-        layer = vg.BayesianLinear(600, 30, estimator=est, init_rho=-3.0, rng=5)
-        y = layer.forward(x, key=98)
-        g = layer.backward(G, kl_weight=0.01)
-        tag = f"np/{est}/wide"
-        for k, v in (("y", y), ("grad_x", g.grad_x), ("grad_loc", g.grad_loc), ("grad_rho", g.grad_rho)):
-            _put(out, f"{tag}/{k}", v, big=True)
+        for name, seed, (B, n_in, n_out), layer_seed, key, with_kl in (("medium", 12, (48, 24, 520), 4, 99, True),
+                                                                      ("wide", 13, (40, 600, 30), 5, 98, False)):
+            rng = np.random.default_rng(seed)
+            x = rng.normal(size=(B, n_in)).astype(np.float32)
+            G = rng.normal(size=(B, n_out)).astype(np.float32)
+            layer = vg.BayesianLinear(n_in, n_out, estimator=est, init_rho=-3.0, rng=layer_seed)
+            y = layer.forward(x, key=key)
+            g = layer.backward(G, kl_weight=0.01)
+            tag = f"np/{est}/{name}"
+            for k, v in (("y", y), ("grad_x", g.grad_x), ("grad_loc", g.grad_loc), ("grad_rho", g.grad_rho)):
+                _put(out, f"{tag}/{k}", v, big=True)
+            if with_kl:
+                _put(out, f"{tag}/kl", g.kl)
 
 
 # -- BayesianMLP --------------------------------------------------------------------------------------

@@ -15,6 +15,13 @@
 - :class:`Rewind` -- putting the parameters and the optimiser state back at an earlier step.
 
 The gradient of one minibatch is the model's own (``BayesianMLP._minibatch_gradient``).
+
+The driver trains BayesianMLP only.  A torch.nn.Module of vigrad.torch layers is trained by a
+torch loop (autograd, torch.optim, state_dict checkpoints; its layers key their noise by their
+own forward counters): sharing the driver would need an adapter for parameters, optimiser
+state, noise counters, prediction and saving about as long as the driver.  The pieces that take
+plain values (BatchPlan, kl_weights, History, EarlyStop on a parameter array) serve such a loop
+as they are.
 """
 
 from __future__ import annotations

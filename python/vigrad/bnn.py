@@ -764,7 +764,8 @@ class BayesianMLP:
         dirty = False
         t0 = time.perf_counter()
         try:
-            for batch in plan.batches(_derive_keys(self._base_key, 2**62, 0, 1)[0], start_epoch):
+            data_seed = _derive_keys(self._base_key, 2**62, 0, 1)[0]  # the minibatches' own stream of keys
+            for batch in plan.batches(data_seed, start_epoch):
                 i = batch.step % plan.per_epoch
                 rewind.record(step, batch.indices, i)
                 dirty = True
