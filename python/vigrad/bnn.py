@@ -12,6 +12,9 @@ rather than stored.  Three estimators:
 - ``"flipout"`` (Wen et al. 2018): one perturbation shared by the minibatch, decorrelated per
   example by random sign flips of inputs and outputs.
 
+The layer's arithmetic, keys and noise are :mod:`vigrad._layer_ops`'s, shared with
+:class:`vigrad.torch.BayesianLinear`; this module gives it NumPy arrays and vigrad's gemm.
+
 :class:`BayesianMLP` stacks them with ReLU, a Gaussian (learned or fixed noise) or
 categorical likelihood, and trains by minibatch Adam on F_i = kl_weight_i KL - log P(D_i | w).
 """
@@ -34,20 +37,20 @@ from typing import Dict, List, NamedTuple, Optional
 import numpy as np
 
 from . import _blas, _core
-from . import data as _data
-from . import optim as _optim
+from . import _layer_ops as _ops
+from . import _trainer
 from ._validation import as_float_array, check_finite, check_num_samples, check_real, resolve_rng, resolve_workers
 from .distributions import Normal, ScaleMixtureNormal
 
 __all__ = ["BayesianLinear", "BayesianMLP", "LayerGrads", "TrainingError"]
 
-_ESTIMATORS = ("reparam", "local", "flipout")
 _FORMAT = "vigrad.BayesianMLP"
 _FORMAT_VERSION = 1
 
-
-#: Below this many multiply-adds a matrix product runs on one thread (the core's kMinParallelWork).
-_MIN_PARALLEL_WORK = 1 << 21
+# one implementation of the layer for both front ends (see vigrad._layer_ops); the old names stay
+_Threads = _ops.Threads
+_derive_keys = _ops.derive_keys
+default_prior = _ops.default_prior
 
 
 def layer_workers(workers):
@@ -60,87 +63,6 @@ def layer_workers(workers):
     if workers is None:
         return resolve_workers(None) if _blas.available() else 1
     return resolve_workers(workers)
-
-
-class _Threads:
-    """How many threads a repeated call runs on: a fixed number (``workers`` given), or with
-    ``workers=None`` one thread or all of them, whichever measures faster, re-measured as the
-    machine's load changes.
-
-    Why measure: vigrad's threads are an OpenMP team (libgomp, one pool shared with PyTorch when
-    both are loaded), whose idle threads spin for a while (GOMP_SPINCOUNT) before they sleep.  On
-    an idle machine a team of two runs a large network's step up to ~1.8x faster than one thread;
-    when other processes hold the cores, each parallel region waits at its barrier for a thread
-    the OS has not scheduled, while the spinning ones take the CPU from it (measured on 2 cores
-    with other work running: 784-400-400-10, batch 128, 11 ms per step on one thread, 122 ms on
-    two).  No fixed choice comes within 1.3x of the best in both cases; a measurement does.  The
-    results are bit-identical for any number of threads, so switching never changes them.
-
-    The first calls alternate between the choices (the first of each discarded: thread start,
-    page faults); then the faster by an exponential moving average of the call times is used,
-    and the other one is timed once every ``PROBE * (its time / the best time)`` calls, so that
-    the probes cost about 1/PROBE of the time and the choice follows the load."""
-
-    SAMPLES, PROBE, MAX_GAP, ALPHA = 3, 32, 4096, 0.3
-
-    def __init__(self, workers, auto):
-        self.choices = (1, workers) if auto and workers > 1 else (workers,)
-        self._reset()
-
-    def _reset(self):
-        self._lock = threading.Lock()
-        self._seen = dict.fromkeys(self.choices, 0)
-        self._ema = {}
-        self._calls = self._next_probe = 0
-
-    def __getstate__(self):  # copies and pickles start measuring afresh
-        return {"choices": self.choices}
-
-    def __setstate__(self, state):
-        self.choices = state["choices"]
-        self._reset()
-
-    def pick(self) -> int:
-        if len(self.choices) == 1:
-            return self.choices[0]
-        with self._lock:
-            fewest = min(self.choices, key=self._seen.get)
-            if self._seen[fewest] <= self.SAMPLES:  # one discarded + SAMPLES timed, alternating
-                return fewest
-            best = min(self.choices, key=self._ema.get)
-            if self._calls >= self._next_probe:
-                return self.choices[0] if best != self.choices[0] else self.choices[1]
-            return best
-
-    def record(self, choice, seconds):
-        with self._lock:
-            self._calls += 1
-            self._seen[choice] += 1
-            if self._seen[choice] == 1:
-                return
-            old = self._ema.get(choice)
-            self._ema[choice] = seconds if old is None else old + self.ALPHA * (seconds - old)
-            if len(self._ema) < len(self.choices):
-                return
-            best = min(self._ema.values())
-            if self._ema[choice] > best:  # the other one was timed: when to time it next
-                gap = self.PROBE * self._ema[choice] / max(best, 1e-9)
-                self._next_probe = self._calls + int(min(gap, self.MAX_GAP))
-
-    def run(self, fn):
-        """fn(workers), on the chosen number of threads, timed when there is a choice."""
-        if len(self.choices) == 1:
-            return fn(self.choices[0])
-        w = self.pick()
-        t0 = time.perf_counter()
-        out = fn(w)
-        self.record(w, time.perf_counter() - t0)
-        return out
-
-
-def default_prior():
-    """Blundell et al.'s scale mixture 0.5 N(0, 1) + 0.5 N(0, e^-12) (sigma2 = e^-6)."""
-    return ScaleMixtureNormal(0.5, 1.0, math.exp(-6))
 
 
 class LayerGrads(NamedTuple):
@@ -165,26 +87,6 @@ class TrainingError(ValueError):
         super().__init__(message)
         self.step = step
         self.restored_step = restored_step
-
-
-def _derive_keys(base: int, step: int, sample: int, n: int) -> List[int]:
-    """n 64-bit keys for (step, sample), a pure function of (base, step, sample): training
-    resumed at any step draws exactly the noise of an uninterrupted run."""
-    ctr = np.zeros((n, 4), dtype=np.uint32)
-    ctr[:, 0] = np.arange(n, dtype=np.uint32)
-    ctr[:, 1] = sample & 0xFFFFFFFF
-    ctr[:, 2] = step & 0xFFFFFFFF
-    ctr[:, 3] = (step >> 32) & 0xFFFFFFFF
-    out = _core.philox4x32_10(ctr, base).astype(np.uint64)
-    return [int(x) for x in (out[:, 0] | (out[:, 1] << np.uint64(32)))]
-
-
-def _prior_kernel(prior, dtype, D):
-    if isinstance(prior, Normal):
-        return _core.bbb_grad_normal, prior._flat_params(dtype, (D,))
-    if isinstance(prior, ScaleMixtureNormal):
-        return _core.bbb_grad_mixture, prior._flat_params(dtype, (D,))
-    raise TypeError(f"prior must be a vigrad Normal or ScaleMixtureNormal, got {type(prior).__name__}")
 
 
 def _write_atomically(path, write):
@@ -260,7 +162,7 @@ class BayesianLinear:
     workers : int or None
         Threads for the fused elementwise passes and the matrix products.  None: one thread or
         every core, whichever the layer measures faster for its forward and its backward calls,
-        re-measured as the machine's load changes (see :class:`vigrad.bnn._Threads`); one thread
+        re-measured as the machine's load changes (see :class:`vigrad._layer_ops.Threads`); one thread
         when vigrad cannot run the products on its own threads (:func:`layer_workers`).
 
     Examples
@@ -278,12 +180,8 @@ class BayesianLinear:
                  init_rho=-7.0, rng=None, params=None, workers=None):
         self.in_features = check_num_samples(in_features, "in_features")
         self.out_features = check_num_samples(out_features, "out_features")
-        if not isinstance(estimator, str) or estimator not in _ESTIMATORS:
-            raise ValueError(f"estimator must be one of {', '.join(map(repr, _ESTIMATORS))}, got {estimator!r}")
-        self.estimator = estimator
-        self.prior = default_prior() if prior is None else prior
-        if not isinstance(self.prior, (Normal, ScaleMixtureNormal)):
-            raise TypeError(f"prior must be a vigrad Normal or ScaleMixtureNormal, got {type(self.prior).__name__}")
+        self.estimator = _ops.check_estimator(estimator)
+        self.prior = _ops.check_prior(default_prior() if prior is None else prior)
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
@@ -303,9 +201,9 @@ class BayesianLinear:
         self.loc, self.rho = loc, rho
         self.key = int(gen.integers(0, 2**64, dtype=np.uint64))
         self._sign_rng = np.random.default_rng(gen.integers(0, 2**63))
-        self._cache = None
+        self._cache = None  # what the last training forward keeps for backward (an _ops.Saved)
         self._buffers = {}
-        self._kernel, self._prior_params = _prior_kernel(self.prior, self.dtype, n)
+        self._ops = _ops.LinearOps(self.in_features, self.out_features, self.estimator, self.prior, self.dtype)
 
     @property
     def num_params(self) -> int:
@@ -318,8 +216,7 @@ class BayesianLinear:
         return state
 
     def _split(self, flat):
-        k = self.in_features * self.out_features
-        return flat[:k].reshape(self.out_features, self.in_features), flat[k:]
+        return _ops.split(flat, self.in_features, self.out_features)
 
     @property
     def weight_loc(self):
@@ -346,12 +243,9 @@ class BayesianLinear:
             buf = self._buffers[name] = np.empty(shape, self.dtype)
         return buf
 
-    def _mm(self, workers, a, b, **kw):
-        """op(a) @ op(b) on `workers` threads; one thread below ~2M multiply-adds, where a team's
-        start and barrier cost more than they save (the core's other kernels do the same)."""
-        rows, inner = (a.shape[1], a.shape[0]) if kw.get("trans_a") else a.shape
-        cols = b.shape[0] if kw.get("trans_b") else b.shape[1]
-        return _blas.matmul(a, b, workers=workers if rows * inner * cols >= _MIN_PARALLEL_WORK else 1, **kw)
+    def _products(self, workers):
+        """The layer's matrix products on ``workers`` threads, work arrays from its buffers."""
+        return _ops.NumpyProducts(workers, self.dtype, self._buffer)
 
     def forward(self, x, *, key=None, sample=True):
         """Outputs (B, out) for inputs (B, in).  ``key`` fixes the noise (an int in [0, 2**64));
@@ -380,73 +274,24 @@ class BayesianLinear:
             raise ValueError(f"{name} must have shape {layout} = ({want}), got {a.shape}")
         return _finite_as(a, name, self.dtype, "layer")
 
-    def _forward(self, x, key, sample=True, train=True, workers=None):
+    def _forward(self, x, key, sample=True, train=True, workers=None, row_offset=0):
         """forward on checked arguments.  train=True keeps what backward needs (the layer's one
         cache) and writes the sampled weights into the layer's persistent buffer; train=False
         touches no state of the layer (fresh arrays, nothing cached), so that any number of
         threads may predict with one layer at once.  workers: threads for this call (None: the
-        layer's)."""
+        layer's).  row_offset: the position of x's first row in its minibatch (the per-example
+        noise of "local" and "flipout" is keyed by it)."""
         nw = self.workers if workers is None else workers
-        M, mb = self._split(self.loc)
+        p = self._products(nw)
         if not sample:
             if train:
                 self._cache = None
-            out = self._mm(nw, x, M, trans_b=True)
-            out += mb
-            return out
-        n = self.num_params
-        if self.estimator == "reparam":
-            w = self._buffer("w", (n,)) if train else np.empty(n, self.dtype)
-            _core.bbb_noise("weights", key, self.loc, self.rho, w, nw)
-            W, b = self._split(w)
-            if train:
-                self._cache = (key, x, W)
-            out = self._mm(nw, x, W, trans_b=True)
-            out += b
-            return out
-        if self.estimator == "flipout":
-            dw = self._buffer("w", (n,)) if train else np.empty(n, self.dtype)
-            _core.bbb_noise("perturbation", key, self.loc, self.rho, dw, nw)
-            dW, db = self._split(dw)
-            signs = np.random.default_rng(key).integers(0, 2, size=(x.shape[0], self.in_features + self.out_features),
-                                                        dtype=np.int8)
-            signs = (2 * signs - 1).astype(self.dtype)
-            S, R = signs[:, :self.in_features], signs[:, self.in_features:]
-            xs = x * S
-            if train:
-                self._cache = (key, x, xs, S, R, dW, M)
-            pert = self._mm(nw, xs, dW, trans_b=True)
-            pert += db
-            pert *= R
-            out = self._mm(nw, x, M, trans_b=True)
-            out += mb
-            out += pert
-            return out
-        # local reparameterisation
-        var = _core.softplus(self.rho, nw)
-        var *= var
-        V, vb = self._split(var)
-        x2 = x * x
-        delta = self._mm(nw, x2, V, trans_b=True)
-        delta += vb
-        std = np.sqrt(delta)
-        zeta = np.empty((1, x.shape[0] * self.out_features), self.dtype)
-        _core.standard_normal(key ^ 0x5DEECE66D, zeta, nw)
-        zeta = zeta.reshape(x.shape[0], self.out_features)
+            return self._ops.mean(p, x, self.loc)
+        noise_out = self._buffer("w", (self.num_params,)) if train else None
+        out, _, saved = self._ops.forward(p, key, x, self.loc, self.rho, noise_out=noise_out, row_offset=row_offset,
+                                          workers=nw)
         if train:
-            self._cache = (key, x, x2, V, std, zeta, M)
-        out = self._mm(nw, x, M, trans_b=True)
-        out += mb
-        out += std * zeta
-        return out
-
-    def _param_grad(self, G, x, name, nw):
-        """[G^T x (flattened), column sums of G]: the gradient of sum(G * (x W^T + b)) in (W, b),
-        written into a persistent buffer."""
-        k = self.in_features * self.out_features
-        out = self._buffer(name, (self.num_params,))
-        self._mm(nw, G, x, trans_a=True, out=out[:k].reshape(self.out_features, self.in_features))
-        np.sum(G, axis=0, out=out[k:])
+            self._cache = saved
         return out
 
     def backward(self, grad_out, *, kl_weight=1.0, kl="mc") -> LayerGrads:
@@ -457,13 +302,10 @@ class BayesianLinear:
         Normal prior; ``"none"``: the data term only), and the KL value.
         """
         kl_weight = check_real(kl_weight, "kl_weight", nonnegative=True)
-        if not isinstance(kl, str) or kl not in ("mc", "analytic", "none"):
-            raise ValueError(f"kl must be 'mc', 'analytic' or 'none', got {kl!r}")
-        if kl == "analytic" and not isinstance(self.prior, Normal):
-            raise ValueError("kl='analytic' needs a Normal prior (no closed form for the scale mixture); use 'mc'")
+        _ops.check_kl(kl, self.prior, ("mc", "analytic", "none"))
         if self._cache is None:
             raise ValueError("backward needs a forward(x, sample=True) first")
-        G = self._check_array(grad_out, "grad_out", (self._cache[1].shape[0], self.out_features),
+        G = self._check_array(grad_out, "grad_out", (self._cache.x.shape[0], self.out_features),
                               "(batch, out_features)")
         with np.errstate(over="ignore", invalid="ignore"):
             res = self._threads["backward"].run(lambda w: self._backward(G, kl_weight, kl, workers=w))
@@ -480,45 +322,18 @@ class BayesianLinear:
         the Adam step on loc and rho (the gradients are then None unless ``out`` is given).
         workers: threads for this call (None: the layer's)."""
         nw = self.workers if workers is None else workers
-        if self._cache is None:
+        saved = self._cache
+        if saved is None:
             raise ValueError("backward needs a forward(x, sample=True) first")
         G = np.ascontiguousarray(grad_out, dtype=self.dtype)
-        key, x = self._cache[0], self._cache[1]
-        if G.shape != (x.shape[0], self.out_features):
-            raise ValueError(f"grad_out must have shape {(x.shape[0], self.out_features)}, got {G.shape}")
-        A = self._param_grad(G, x, "A", nw)
-        grad_x = None
-        if self.estimator == "reparam":
-            W = self._cache[2]
-            if need_grad_x:
-                grad_x = self._mm(nw, G, W)
-            data, BC = "reparam", None
-        elif self.estimator == "flipout":
-            _, _, xs, S, R, dW, M = self._cache
-            GR = G * R
-            BC = self._param_grad(GR, xs, "B", nw)
-            if need_grad_x:
-                grad_x = self._mm(nw, GR, dW)
-                grad_x *= S
-                self._mm(nw, G, M, out=grad_x, accumulate=True)
-            data = "times_eps"
-        else:
-            _, _, x2, V, std, zeta, M = self._cache
-            H = G * zeta / (2.0 * std)
-            BC = self._param_grad(H, x2, "B", nw)
-            BC *= _core.softplus(self.rho, nw)
-            BC *= self.dtype.type(2)
-            if need_grad_x:
-                grad_x = self._mm(nw, H, V)
-                grad_x *= x
-                grad_x *= self.dtype.type(2)
-                self._mm(nw, G, M, out=grad_x, accumulate=True)
-            data = "direct"
+        if G.shape != (saved.x.shape[0], self.out_features):
+            raise ValueError(f"grad_out must have shape {(saved.x.shape[0], self.out_features)}, got {G.shape}")
+        grad_x, A, BC, data = self._ops.backward(self._products(nw), saved, G, need_x=need_grad_x)
         kw = {} if out is None else {"out_loc": out[0], "out_rho": out[1], "accumulate": accumulate}
         if adam is not None:  # the fused Adam step: (m_loc, v_loc, m_rho, v_rho), (step, lr, b1, b2, eps)
             kw["adam_state"], kw["adam"] = adam
-        gl, gr, klv, finite = self._kernel(data, kl, key, self.loc, self.rho, A, BC, *self._prior_params, kl_weight,
-                                           nw, **kw)
+        gl, gr, klv, finite = self._ops.param_grads(data, kl, saved.key, self.loc, self.rho, A, BC, kl_weight, nw,
+                                                    **kw)
         self._last_finite = finite
         if grad_x is not None:
             grad_x = grad_x.astype(self.dtype, copy=False)
@@ -571,56 +386,6 @@ class _Guard:
                     self._cond.notify_all()
 
 
-#: fit copies (parameters, Adam moments) every this many steps to be able to roll back
-_SNAPSHOT_EVERY = 32
-
-
-class _Rewind:
-    """What fit needs to put the model back at any step since the older of two snapshots of
-    (theta, m, v), taken every _SNAPSHOT_EVERY steps, and the minibatches since.  A step is a pure
-    function of the parameters, the optimiser state, the minibatch and the step number, so
-    replaying the recorded steps from a snapshot gives the state of a later step bit for bit,
-    without a copy per step (a copy costs about a fifth of a step of a 784-400-400-10 net)."""
-
-    def __init__(self, arrays, start):
-        self.arrays = arrays
-        self.start = start
-        self.snaps = []  # [(step, copies of arrays)], oldest first, at most two
-        self.batches = {}  # step -> (minibatch indices, index in the epoch)
-
-    def record(self, step, indices, i):
-        """Called before each step: snapshot when one is due, and remember the minibatch."""
-        if not self.snaps or step - self.snaps[-1][0] >= _SNAPSHOT_EVERY:
-            if len(self.snaps) == 2:
-                old, bufs = self.snaps.pop(0)
-                for s in range(old, self.snaps[0][0]):
-                    del self.batches[s]
-                for b, a in zip(bufs, self.arrays):
-                    np.copyto(b, a)
-            else:
-                bufs = tuple(a.copy() for a in self.arrays)
-            self.snaps.append((step, bufs))
-        self.batches[step] = (indices, i)
-
-    def rewind(self, target, replay):
-        """Put the arrays at step ``target`` (at least the fit's first step); returns that step."""
-        target = max(target, self.start)
-        if not self.snaps:  # nothing ran
-            return target
-        step, bufs = next(sn for sn in reversed(self.snaps) if sn[0] <= target)
-        for a, b in zip(self.arrays, bufs):
-            np.copyto(a, b)
-        for s in range(step, target):
-            replay(s, *self.batches[s])
-        return target
-
-
-def _blundell_weights(M):
-    """pi_i = 2^(M - i) / (2^M - 1), i = 1..M, computed without overflow."""
-    i = np.arange(1, M + 1, dtype=np.float64)
-    return np.exp2(-i) / -np.expm1(-M * math.log(2.0))
-
-
 class BayesianMLP:
     """A Bayes-by-Backprop multilayer perceptron: BayesianLinear layers with ReLU between them.
 
@@ -651,7 +416,7 @@ class BayesianMLP:
         every core, whichever measures faster for this model's training steps (and, separately,
         its predictions), re-measured as the load of the machine changes: on an idle machine
         two threads are up to ~1.8x faster for a large network, on a machine where other work
-        holds the cores they can be ten times slower (see :class:`vigrad.bnn._Threads`).  One
+        holds the cores they can be ten times slower (see :class:`vigrad._layer_ops.Threads`).  One
         thread when vigrad cannot run the products on its own threads (NumPy's OpenBLAS not
         found, :func:`vigrad.bnn.layer_workers`).  Results are bit-identical for any value.
 
@@ -691,11 +456,8 @@ class BayesianMLP:
             raise ValueError(f"likelihood must be 'gaussian' or 'categorical', got {likelihood!r}")
         if likelihood == "categorical" and sizes[-1] < 2:
             raise ValueError(f"a categorical likelihood needs >= 2 output classes, got sizes[-1] = {sizes[-1]}")
-        if kl not in ("mc", "analytic"):
-            raise ValueError(f"kl must be 'mc' or 'analytic', got {kl!r}")
         prior = default_prior() if prior is None else prior
-        if kl == "analytic" and not isinstance(prior, Normal):
-            raise ValueError("kl='analytic' needs a Normal prior (no closed form for the scale mixture)")
+        _ops.check_kl(kl, prior)
         self.sizes, self.likelihood, self.prior, self.kl = sizes, likelihood, prior, kl
         self.estimator = estimator
         self.num_samples = check_num_samples(num_samples, "num_samples")
@@ -724,7 +486,7 @@ class BayesianMLP:
                                               workers=self.workers))
             off += n
         self._learn_noise = learn_noise
-        self._opt_state = None  # (step, m, v) of the fused Adam
+        self._opt_state = None  # (step count, Adam m, Adam v), kept across fits and in checkpoints
         self.history: Dict[str, list] = {}
         self._guard = _Guard()
 
@@ -762,16 +524,17 @@ class BayesianMLP:
                 f"num_samples={self.num_samples}, dtype={self.dtype})")
 
     # -- the network ---------------------------------------------------------------------------------
-    def _forward(self, x, keys=None, sample=True, train=True, workers=None):
+    def _forward(self, x, keys=None, sample=True, train=True, workers=None, row_offset=0):
         """The network's outputs and the ReLU masks; train=False changes no state of the layers
-        (safe from many threads at once)."""
+        (safe from many threads at once).  row_offset: the position of x's first row in its
+        minibatch (see :meth:`_minibatch_gradient`)."""
         h = np.ascontiguousarray(x, dtype=self.dtype)
         acts = []
         for i, layer in enumerate(self.layers):
             if keys is None:
                 h = layer.forward(h, sample=sample)
             else:
-                h = layer._forward(h, keys[i], sample, train, workers)
+                h = layer._forward(h, keys[i], sample, train, workers, row_offset)
             if i + 1 < len(self.layers):
                 acts.append(h > 0)
                 h = np.maximum(h, 0)
@@ -795,30 +558,40 @@ class BayesianMLP:
         g_log_sigma = float(r.size - np.sum(r * r)) if self._learn_noise else 0.0
         return nll, (r / sigma).astype(self.dtype, copy=False), g_log_sigma
 
-    def _step_grad(self, xb, yb, kl_weight, step, adam=None, workers=None):
-        """Average over num_samples of the gradient of kl_weight KL + sum NLL; fills self._grad.
-        The layers write their gradients straight into self._grad's slices.  With ``adam =
-        (m, v, (step, lr, b1, b2, eps))`` (one sample only) each layer's kernel takes the Adam
-        step on its parameters instead, while the gradient is in cache; only the learned noise
-        scale's gradient, if any, is left in self._grad[-1]."""
+    def _minibatch_gradient(self, xb, yb, kl_weight, step, *, row_offset=0, with_kl=True, adam=None,
+                            workers=None):
+        """The gradient of one minibatch's cost, F = kl_weight KL + the sum of -log p(y | x, w) over
+        its rows, averaged over num_samples weight draws: a function of the parameters (the model's
+        ``_theta``), the noise keys of ``step`` and the rows (xb, yb).  Fills self._grad (the
+        layers write their slices in place); returns (NLL sum over the rows, KL).
+
+        Sums over rows add up: the rows ``[r, r + len(xb))`` of a minibatch, given as
+        ``row_offset=r`` (the per-example noise of "local" and "flipout" is keyed by the row's
+        place in the minibatch), give the part of the minibatch's gradient those rows contribute,
+        and ``with_kl=False`` leaves the KL part out (to be added once).  With ``adam = (m, v,
+        (step, lr, b1, b2, eps))`` (one sample only) each layer's kernel takes the Adam step on
+        its parameters instead, while the gradient is in cache; only the learned noise scale's
+        gradient, if any, is left in self._grad[-1]."""
         nll_tot = kl_tot = 0.0
         L = len(self.layers)
+        kl = self.kl if with_kl else "none"
         if self._learn_noise:
             self._grad[-1] = 0
         for s in range(self.num_samples):
             keys = _derive_keys(self._base_key, step, s, L)
-            f, acts = self._forward(xb, keys, workers=workers)
+            f, acts = self._forward(xb, keys, workers=workers, row_offset=row_offset)
             nll, g, g_ls = self._nll_and_grad(f, yb)
             if not np.isfinite(nll):
-                raise TrainingError(f"non-finite loss at step {step}: {self._first_bad_layer(xb, keys)}", step)
+                raise TrainingError(f"non-finite loss at step {step}: {self._first_bad_layer(xb, keys, row_offset)}",
+                                    step)
             for i in range(L - 1, -1, -1):
                 sl, sr = self._param_slices[i]
                 if adam is None:
-                    res = self.layers[i]._backward(g, kl_weight, self.kl, out=(self._grad[sl], self._grad[sr]),
+                    res = self.layers[i]._backward(g, kl_weight, kl, out=(self._grad[sl], self._grad[sr]),
                                                    accumulate=s > 0, need_grad_x=i > 0, workers=workers)
                 else:
                     m, v, hyper = adam
-                    res = self.layers[i]._backward(g, kl_weight, self.kl, need_grad_x=i > 0,
+                    res = self.layers[i]._backward(g, kl_weight, kl, need_grad_x=i > 0,
                                                    adam=((m[sl], v[sl], m[sr], v[sr]), hyper), workers=workers)
                 if not self.layers[i]._last_finite:
                     raise TrainingError(f"non-finite gradient in layer {i} at step {step}", step)
@@ -833,10 +606,10 @@ class BayesianMLP:
             self._grad /= self.num_samples
         return nll_tot / self.num_samples, kl_tot / self.num_samples
 
-    def _first_bad_layer(self, x, keys):
+    def _first_bad_layer(self, x, keys, row_offset=0):
         h = x
         for i, layer in enumerate(self.layers):
-            h = layer._forward(h, keys[i], train=False)
+            h = layer._forward(h, keys[i], train=False, row_offset=row_offset)
             if not np.isfinite(h).all():
                 return f"the output of layer {i} is not finite"
             h = np.maximum(h, 0) if i + 1 < len(self.layers) else h
@@ -873,17 +646,25 @@ class BayesianMLP:
         return _finite_as(y, name, self.dtype, "model")
 
     # -- training ----------------------------------------------------------------------------------
-    def fit(self, X, y, *, epochs, batch_size=128, lr=1e-3, kl_weighting="uniform", validation_data=None,
+    def fit(self, X, y, *, epochs, batch_size=128, lr=None, kl_weighting="uniform", validation_data=None,
             progress=False, shuffle="shuffle", clip_norm=None, early_stopping=None, val_samples=10,
-            checkpoint=None, resume=False):
-        """Train by minibatch Adam on F_i = kl_weight_i KL[q || prior] - log P(D_i | w).
+            checkpoint=None, resume=False, optimizer=None):
+        """Train by minibatch stochastic optimisation (Adam by default) on
+        F_i = kl_weight_i KL[q || prior] - log P(D_i | w).
 
         Parameters
         ----------
         X : (N, sizes[0]) array; y : labels (N,) or targets (N,) / (N, sizes[-1])
         epochs : int
         batch_size : int
-        lr : float or schedule (callable step -> float, e.g. vg.optim.exponential(...))
+        lr : float or schedule (callable step -> float, e.g. vg.optim.exponential(...)), optional
+            The step size of the default optimiser, ``vg.optim.adam(lr)`` (None: 1e-3).
+        optimizer : vigrad.optim.Optimizer, optional
+            Any optimiser of :mod:`vigrad.optim` instead of ``lr`` (not both).  Adam without
+            clipping or weight decay runs on the core's Adam kernel, fused into each layer's
+            backward pass with one sample and no ``clip_norm``; any other runs its own update.
+            Its step counter is the model's (it continues across fits); the state of an optimiser
+            other than Adam lasts for this fit, and ``checkpoint`` keeps Adam's state only.
         kl_weighting : {"uniform", "blundell"}
             1/M for M minibatches per epoch, or Blundell's pi_i = 2^(M-i)/(2^M-1) for the i-th.
         validation_data : (X_val, y_val), optional
@@ -912,148 +693,94 @@ class BayesianMLP:
         Raises
         ------
         TrainingError
-            On a non-finite loss, gradient or validation output.  The parameters and the Adam
-            state are first rolled back to the start of the last step whose loss and gradient
-            were finite (``err.restored_step``), bit for bit as a fit stopped there; the error
-            says so.  The rollback costs a copy of the parameters and moments every 32 steps
-            (two such copies are kept) and, on failure, the replay of at most 32 steps.
+            On a non-finite loss, gradient or validation output.  The parameters and the
+            optimiser state are first rolled back to the start of the last step whose loss and
+            gradient were finite (``err.restored_step``), bit for bit as a fit stopped there; the
+            error says so.  The rollback costs a copy of the parameters and the optimiser state
+            every 32 steps (two such copies are kept) and, on failure, the replay of at most 32 steps.
         RuntimeError
             When the model is already being trained (see the class notes on threads).
 
         Any other exception inside a step (a KeyboardInterrupt) leaves the model at the start of
         that step, never half updated.
+
+        Notes
+        -----
+        The pieces of the training loop (minibatches, KL weights, the optimiser's step, history,
+        validation and early stopping, checkpoints, rollback) are in :mod:`vigrad._trainer`; the
+        gradient of a minibatch is :meth:`_minibatch_gradient`.
         """
         with self._guard.training():
-            return self._fit(X, y, epochs=epochs, batch_size=batch_size, lr=lr, kl_weighting=kl_weighting,
-                             validation_data=validation_data, progress=progress, shuffle=shuffle,
-                             clip_norm=clip_norm, early_stopping=early_stopping, val_samples=val_samples,
-                             checkpoint=checkpoint, resume=resume)
+            return self._fit(X, y, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                             kl_weighting=kl_weighting, validation_data=validation_data, progress=progress,
+                             shuffle=shuffle, clip_norm=clip_norm, early_stopping=early_stopping,
+                             val_samples=val_samples, checkpoint=checkpoint, resume=resume)
 
-    def _fit(self, X, y, *, epochs, batch_size, lr, kl_weighting, validation_data, progress, shuffle, clip_norm,
-             early_stopping, val_samples, checkpoint, resume):
-        """fit, with the model held for training (see _Guard)."""
+    def _fit(self, X, y, *, epochs, batch_size, lr, optimizer, kl_weighting, validation_data, progress, shuffle,
+             clip_norm, early_stopping, val_samples, checkpoint, resume):
+        """fit, with the model held for training (see _Guard): every argument is checked first,
+        then the driver runs the steps and closes the epochs."""
         X = self._check_X(X)
         y = self._check_y(y, X.shape[0])
         N = X.shape[0]
         if N == 0:
             raise ValueError("X must hold at least one example")
-        epochs = check_num_samples(epochs, "epochs")
-        batch_size = check_num_samples(batch_size, "batch_size")
-        if kl_weighting not in ("uniform", "blundell"):
-            raise ValueError(f"kl_weighting must be 'uniform' or 'blundell', got {kl_weighting!r}")
-        if shuffle not in ("shuffle", "replacement"):
-            raise ValueError(f"shuffle must be 'shuffle' or 'replacement', got {shuffle!r}")
-        schedule = lr if callable(lr) else _optim.constant(check_real(lr, "lr", positive=True))
+        plan = _trainer.BatchPlan.make(N, batch_size, epochs, shuffle)
+        kl_w = _trainer.kl_weights(plan.per_epoch, kl_weighting)
+        opt = _trainer.resolve_optimizer(lr, optimizer)
         if clip_norm is not None:
             clip_norm = check_real(clip_norm, "clip_norm", positive=True)
+        val = None
         if validation_data is not None:
             Xv = self._check_X(validation_data[0], "validation X")
-            yv = self._check_y(validation_data[1], Xv.shape[0], "validation y")
-        if early_stopping is not None:
-            if validation_data is None:
-                raise ValueError("early_stopping needs validation_data")
-            stopper = _optim.EarlyStopping(patience=check_num_samples(early_stopping, "early_stopping"))
-        batch_size = min(batch_size, N) if shuffle == "shuffle" else batch_size
-        M = _data.num_batches(N, batch_size)
-        kl_w = np.full(M, 1.0 / M) if kl_weighting == "uniform" else _blundell_weights(M)
+            val = (Xv, self._check_y(validation_data[1], Xv.shape[0], "validation y"))
+            val_samples = check_num_samples(val_samples, "val_samples")
+        if early_stopping is not None and val is None:
+            raise ValueError("early_stopping needs validation_data")
+        stopper = None if early_stopping is None else _trainer.EarlyStop(early_stopping)
+        _trainer.check_checkpointable(opt, checkpoint, resume)
 
-        start_epoch = 0
-        if resume:
-            if checkpoint is None or not os.path.exists(checkpoint):
-                raise ValueError(f"resume=True needs an existing checkpoint file, got {checkpoint!r}")
-            saved = BayesianMLP.load(checkpoint)
-            if saved.sizes != self.sizes or saved._theta.shape != self._theta.shape:
-                raise ValueError("the checkpoint holds a different architecture")
-            self._theta[...] = saved._theta
-            self._opt_state = saved._opt_state
-            self._base_key = saved._base_key
-            self.history = saved.history
-            start_epoch = len(self.history.get("loss", []))
+        start_epoch = _trainer.restore_checkpoint(self, checkpoint) if resume else 0
         if self._opt_state is None:
             self._opt_state = (0, np.zeros_like(self._theta), np.zeros_like(self._theta))
         if not resume:
-            self.history = {k: [] for k in ("loss", "nll", "kl")}
-            if validation_data is not None:
-                self.history["val_nll"] = []
-                self.history["val_accuracy" if self.likelihood == "categorical" else "val_rmse"] = []
-        es_state = stopper.init() if early_stopping is not None else None
-        best_theta = None
-        data_seed = _derive_keys(self._base_key, 2**62, 0, 1)[0]
-        stream = _data.minibatches(N, batch_size, mode=shuffle,
-                                   num_epochs=epochs if shuffle == "shuffle" else None,
-                                   num_steps=None if shuffle == "shuffle" else epochs * M,
-                                   rng=data_seed, start_step=start_epoch * M)
+            self.history = _trainer.new_history(val is not None, self.likelihood)
+        history = _trainer.History(self.history, N, plan.per_epoch, plan.epochs, self.likelihood)
         step, m, v = self._opt_state
+        updater = _trainer.Updater(opt, self._theta, m, v)
         # the fused path (Adam inside each layer's backward kernel) needs the whole gradient of a
         # step from one pass: one sample and no clipping by the global norm
-        fused = self.num_samples == 1 and clip_norm is None
+        fused = updater.fusable and self.num_samples == 1 and clip_norm is None
 
         def train_step(s, indices, i):
-            """Step s on minibatch `indices` (number i of its epoch), in place on theta, m and v."""
+            """Step s on minibatch `indices` (number i of its epoch), in place on theta and the state."""
             return self._threads["step"].run(lambda w: self._train_step(
-                X[indices], y[indices], float(kl_w[i]), s, schedule, fused, clip_norm, m, v, w))
+                X[indices], y[indices], float(kl_w[i]), s, updater, fused, clip_norm, w))
 
         # On a non-finite step (TrainingError) the model goes back to the start of the step
         # before; on any other exception in the middle of a step (KeyboardInterrupt), to the
         # start of that step: never left diverged or half updated.
-        rewind = _Rewind((self._theta, m, v), step)
+        rewind = _trainer.Rewind((self._theta,) + updater.arrays, step)
         dirty = False
-        epoch_ends = []  # the step counter at the end of each epoch of this fit
         t0 = time.perf_counter()
-        sums = [0.0, 0.0, 0]
         try:
-            for batch in stream:
-                i = batch.step % M
+            data_seed = _derive_keys(self._base_key, 2**62, 0, 1)[0]  # the minibatches' own stream of keys
+            for batch in plan.batches(data_seed, start_epoch):
+                i = batch.step % plan.per_epoch
                 rewind.record(step, batch.indices, i)
                 dirty = True
                 nll, klv = train_step(step, batch.indices, i)
                 step += 1
                 dirty = False
-                sums[0] += nll
-                sums[1] += klv
-                sums[2] += len(batch.indices)
-                if i < M - 1:
-                    continue
-                # end of an epoch
-                epoch = batch.step // M
-                epoch_ends.append(step)
-                self._opt_state = (step, m, v)
-                n_seen = sums[2]
-                self.history["nll"].append(sums[0] / n_seen)
-                self.history["kl"].append(sums[1] / M)
-                # F per example over the epoch: (sum of the minibatch NLLs + KL) / N
-                self.history["loss"].append(sums[0] / n_seen + self.history["kl"][-1] / N)
-                sums = [0.0, 0.0, 0]
-                line = (f"epoch {epoch + 1:>4}/{epochs}  loss {self.history['loss'][-1]:.4f}  "
-                        f"nll {self.history['nll'][-1]:.4f}  kl {self.history['kl'][-1]:.1f}")
-                stop = False
-                if validation_data is not None:
-                    try:
-                        vn, vm = self._evaluate(Xv, yv, val_samples, epoch)
-                    except ValueError as exc:  # non-finite outputs: the parameters of this step diverged
-                        raise TrainingError(f"validation after step {step - 1} (epoch {epoch + 1}): {exc}",
-                                            step) from None
-                    self.history["val_nll"].append(vn)
-                    self.history["val_accuracy" if self.likelihood == "categorical" else "val_rmse"].append(vm)
-                    line += f"  val_nll {vn:.4f}"
-                    if es_state is not None:
-                        es_state, stop, improved = stopper.update(es_state, vn)
-                        if improved:
-                            best_theta = self._theta.copy()
-                if progress:
-                    print(line + f"  ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
-                if checkpoint is not None:
-                    self.save(checkpoint)
-                if stop:
+                history.add_step(nll, klv, len(batch.indices))
+                if i == plan.per_epoch - 1 and self._end_epoch(batch.step // plan.per_epoch, step, history, val,
+                                                              val_samples, stopper, progress, t0, checkpoint):
                     break
         except TrainingError as exc:
             failed = step if exc.step is None else exc.step
             back = rewind.rewind(failed - 1, train_step)
             self._opt_state = (back, m, v)
-            # the history keeps the epochs the restored parameters have completed
-            keep = len(self.history["loss"]) - sum(end > back for end in epoch_ends)
-            for values in self.history.values():
-                del values[keep:]
+            history.roll_back(back)
             where = (f"the start of step {back}, the last step whose loss and gradient were finite" if back < failed
                      else f"step {back}, as before this fit")
             raise TrainingError(f"{exc}; the parameters and the optimiser state are rolled back to {where}",
@@ -1064,36 +791,45 @@ class BayesianMLP:
             self._opt_state = (step, m, v)
             raise
         self._opt_state = (step, m, v)
-        if best_theta is not None:
-            self._theta[...] = best_theta
+        if stopper is not None:
+            stopper.restore(self._theta)
         return self.history
 
-    def _train_step(self, xb, yb, kl_weight, step, schedule, fused, clip_norm, m, v, workers=None):
-        """One Adam step on a minibatch, in place on theta, m and v; returns (NLL sum, KL)."""
-        hyper = (step, _optim._lr_at(schedule, step), 0.9, 0.999, 1e-8)
-        nw = self.workers if workers is None else workers
-        if fused:  # one sample, no clipping: each layer's kernel takes its Adam step
-            nll, klv = self._step_grad(xb, yb, kl_weight, step, adam=(m, v, hyper), workers=nw)
-            if self._learn_noise:
-                _core.adam_update(self._theta[-1:], self._grad[-1:], m[-1:], v[-1:], *hyper, 1)
-        else:
-            nll, klv = self._step_grad(xb, yb, kl_weight, step, workers=nw)
-            if clip_norm is not None:
-                norm = float(np.sqrt(np.dot(self._grad.astype(np.float64), self._grad.astype(np.float64))))
-                if norm > clip_norm:
-                    self._grad *= self.dtype.type(clip_norm / norm)
-            _core.adam_update(self._theta, self._grad, m, v, *hyper, nw)
-        return nll, klv
+    def _end_epoch(self, epoch, step, history, val, val_samples, stopper, progress, t0, checkpoint) -> bool:
+        """After the last step of an epoch: its history, validation, early stopping, progress line
+        and checkpoint.  True when early stopping ends the fit."""
+        self._opt_state = (step,) + tuple(self._opt_state[1:])
+        history.end_epoch(step)
+        stop = False
+        if val is not None:
+            try:
+                vn, vm = _trainer.validation_metrics(self, *val, val_samples, epoch)
+            except ValueError as exc:  # non-finite outputs: the parameters of this step diverged
+                raise TrainingError(f"validation after step {step - 1} (epoch {epoch + 1}): {exc}", step) from None
+            history.add_validation(vn, vm)
+            stop = stopper is not None and stopper.update(vn, self._theta)
+        if progress:
+            print(history.line(epoch, time.perf_counter() - t0), file=sys.stderr, flush=True)
+        if checkpoint is not None:
+            self.save(checkpoint)
+        return stop
 
-    def _evaluate(self, Xv, yv, S, epoch):
-        if self.likelihood == "categorical":
-            p = self.predict_proba(Xv, num_samples=S, rng=epoch)
-            nll = float(-np.mean(np.log(np.clip(p[np.arange(len(yv)), yv], 1e-12, None))))
-            return nll, float(np.mean(p.argmax(axis=1) == yv))
-        mean, std = self.predict(Xv, num_samples=S, return_std=True, rng=epoch)
-        yv2 = yv.reshape(mean.shape)
-        nll = float(np.mean(0.5 * ((yv2 - mean) / std) ** 2 + np.log(std) + 0.5 * math.log(2 * math.pi)))
-        return nll, float(np.sqrt(np.mean((yv2 - mean) ** 2)))
+    def _train_step(self, xb, yb, kl_weight, step, updater, fused, clip_norm, workers=None):
+        """One optimiser step on a minibatch, in place on theta and the optimiser's state;
+        returns (NLL sum, KL)."""
+        nw = self.workers if workers is None else workers
+        hyper = updater.hyper(step) if updater.fusable else None  # the schedule first: nothing written if it raises
+        if fused:  # one sample, no clipping: each layer's kernel takes its Adam step
+            nll, klv = self._minibatch_gradient(xb, yb, kl_weight, step, adam=(updater.m, updater.v, hyper),
+                                                workers=nw)
+            if self._learn_noise:
+                _core.adam_update(self._theta[-1:], self._grad[-1:], updater.m[-1:], updater.v[-1:], *hyper, 1)
+            return nll, klv
+        nll, klv = self._minibatch_gradient(xb, yb, kl_weight, step, workers=nw)
+        if clip_norm is not None:
+            _trainer.clip_global_norm(self._grad, clip_norm)
+        updater.apply(self._theta, self._grad, step, nw, hyper)
+        return nll, klv
 
     # -- prediction ----------------------------------------------------------------------------------
     def _sample_outputs(self, X, num_samples, rng, what):

@@ -51,17 +51,18 @@ import torch
 from torch import nn
 
 from . import _core
+from . import _layer_ops as _ops
+from ._layer_ops import Threads as _Threads
 from ._validation import check_num_samples, check_real, resolve_workers
-from .bnn import _derive_keys, _Threads
-from .distributions import Normal, ScaleMixtureNormal
+from .distributions import Normal
 
 __all__ = ["BayesianLinear", "DeviceError", "derive_key", "kl_loss", "sample_weights", "sampling"]
 
-_ESTIMATORS = ("reparam", "local", "flipout")
-_KL_MODES = ("mc", "analytic")
+_ESTIMATORS = _ops.ESTIMATORS
+_KL_MODES = _ops.KL_MODES
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 #: XORed into the key for the local reparameterisation's per-example draws (as vigrad.bnn).
-_LOCAL_KEY_SALT = 0x5DEECE66D
+_LOCAL_KEY_SALT = _ops.LOCAL_KEY_SALT
 
 
 class DeviceError(TypeError, ValueError):
@@ -97,15 +98,11 @@ def _prior_flat(prior, np_dtype, shape):
 
 
 def _check_prior(prior):
-    if not isinstance(prior, (Normal, ScaleMixtureNormal)):
-        raise TypeError(f"prior must be a vigrad Normal or ScaleMixtureNormal, got {type(prior).__name__}")
+    _ops.check_prior(prior)
 
 
 def _check_kl(kl, prior):
-    if not isinstance(kl, str) or kl not in _KL_MODES:
-        raise ValueError(f"kl must be 'mc' or 'analytic', got {kl!r}")
-    if kl == "analytic" and not isinstance(prior, Normal):
-        raise ValueError("kl='analytic' needs a Normal prior (no closed form for the scale mixture); use kl='mc'")
+    _ops.check_kl(kl, prior)
 
 
 # -- sample_weights --------------------------------------------------------------------------------
@@ -251,7 +248,7 @@ def derive_key(seed: int, step: int, stream: int = 0) -> int:
     """The 64-bit noise key of forward number ``step`` of a layer seeded with ``seed`` (stream 0:
     training-mode forwards, 1: sampled eval-mode forwards).  A pure function (Philox, as
     vigrad.BayesianMLP's keys), so a seeded layer draws the same noise on every run."""
-    return _derive_keys(int(seed), int(step), int(stream), 1)[0]
+    return _ops.derive_keys(int(seed), int(step), int(stream), 1)[0]
 
 
 class _Spec(NamedTuple):
@@ -265,6 +262,7 @@ class _Spec(NamedTuple):
     in_features: int
     out_features: int
     buffers: dict  # the module's backward work arrays (A, B / C), reused between steps
+    ops: object = None  # the layer's vigrad._layer_ops.LinearOps
 
 
 def _work(spec, name, n, dtype):
@@ -277,55 +275,64 @@ def _work(spec, name, n, dtype):
     return buf
 
 
+class _TorchProducts:
+    """The matrix products vigrad._layer_ops runs a layer on, for torch tensors: torch's BLAS
+    (addmm, mm) on torch's threads; the backward's work arrays are the module's (``spec.buffers``)."""
+
+    def __init__(self, spec, dtype):
+        self.spec, self.dtype = spec, dtype
+
+    @staticmethod
+    def linear(x, W, b):
+        return torch.addmm(b, x, W.t())
+
+    @staticmethod
+    def matmul(a, b):
+        return a @ b
+
+    @staticmethod
+    def matmul_add(out, a, b):
+        out += a @ b
+
+    @staticmethod
+    def param_grad(G, x, out):
+        k = G.shape[1] * x.shape[1]
+        torch.mm(G.t(), x, out=out[:k].view(G.shape[1], x.shape[1]))
+        torch.sum(G, 0, out=out[k:])
+        return out
+
+    def work(self, name, n):
+        return _work(self.spec, name, n, self.dtype)
+
+    def empty(self, n):
+        return torch.empty(n, dtype=self.dtype)
+
+    wrap = staticmethod(torch.from_numpy)
+
+    @staticmethod
+    def numpy(t):
+        return t.numpy()
+
+    @staticmethod
+    def sqrt(t):
+        return t.sqrt_()
+
+
 class _LinearFn(torch.autograd.Function):
-    """(y, kl) = the layer's sampled forward; backward: BLAS products in torch and one fused
-    bbb_grad call with kl_weight = grad_kl (mirrors vigrad.bnn.BayesianLinear)."""
+    """(y, kl) = the layer's sampled forward; backward: the products in torch and one fused
+    bbb_grad call with kl_weight = grad_kl.  The arithmetic is vigrad._layer_ops's, as for
+    vigrad.bnn.BayesianLinear."""
 
     @staticmethod
     def forward(ctx, x, loc, rho, spec):
-        n_in, n_out = spec.in_features, spec.out_features
-        k = n_in * n_out
-        P = k + n_out
-        dt = loc.dtype
-        x_in, x = x, x.detach()
-        loc_t, rho_t = loc.detach().contiguous(), rho.detach().contiguous()
-        loc_np, rho_np = loc_t.numpy(), rho_t.numpy()
-        M, mb = loc_t[:k].view(n_out, n_in), loc_t[k:]
-        key, est = spec.key, spec.estimator
         # the noise and the KL term at it in one pass (the KL's gradient is the one the backward
         # kernel adds, from the same key)
-        if est == "reparam":
-            w = torch.empty(P, dtype=dt)
-            klv = spec.noise_kernel("weights", spec.kl, key, loc_np, rho_np, w.numpy(), *spec.params, spec.workers)
-            W = w[:k].view(n_out, n_in)
-            y = torch.addmm(w[k:], x, W.t())
-            ctx.cache = (W,)
-        elif est == "flipout":
-            dw = torch.empty(P, dtype=dt)
-            klv = spec.noise_kernel("perturbation", spec.kl, key, loc_np, rho_np, dw.numpy(), *spec.params,
-                                    spec.workers)
-            dW, db = dw[:k].view(n_out, n_in), dw[k:]
-            signs = np.random.default_rng(key).integers(0, 2, size=(x.shape[0], n_in + n_out), dtype=np.int8)
-            signs = torch.from_numpy(signs).to(dt).mul_(2).sub_(1)
-            Sg, R = signs[:, :n_in], signs[:, n_in:]
-            xs = x * Sg
-            y = torch.addmm(mb, x, M.t()) + torch.addmm(db, xs, dW.t()) * R
-            ctx.cache = (xs, Sg, R, dW, M)
-        else:  # local reparameterisation
-            klv = spec.noise_kernel("none", spec.kl, key, loc_np, rho_np, None, *spec.params, spec.workers)
-            sigma = torch.from_numpy(_core.softplus(rho_np, spec.workers))
-            var = sigma * sigma
-            V, vb = var[:k].view(n_out, n_in), var[k:]
-            x2 = x * x
-            std = torch.addmm(vb, x2, V.t()).sqrt_()
-            zeta = torch.empty((1, x.shape[0] * n_out), dtype=dt)
-            _core.standard_normal(key ^ _LOCAL_KEY_SALT, zeta.numpy(), spec.workers)
-            zeta = zeta.view(x.shape[0], n_out)
-            y = torch.addmm(mb, x, M.t()) + std * zeta
-            ctx.cache = (x2, V, std, zeta, M, sigma)
-        ctx.save_for_backward(x_in, loc, rho)
+        y, klv, ctx.cache = spec.ops.forward(_TorchProducts(spec, loc.dtype), spec.key, x.detach(),
+                                             loc.detach().contiguous(), rho.detach().contiguous(), kl=spec.kl,
+                                             workers=spec.workers)
+        ctx.save_for_backward(x, loc, rho)
         ctx.spec = spec
-        return y, torch.tensor(klv, dtype=dt)
+        return y, torch.tensor(klv, dtype=loc.dtype)
 
     @staticmethod
     def backward(ctx, grad_y, grad_kl):
@@ -338,55 +345,20 @@ class _LinearFn(torch.autograd.Function):
     def _backward(ctx, grad_y, grad_kl):
         x, loc, rho = ctx.saved_tensors
         spec = ctx.spec
-        n_in, n_out = spec.in_features, spec.out_features
-        k = n_in * n_out
-        P = k + n_out
         dt = loc.dtype
         need_x = ctx.needs_input_grad[0]
         need_p = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        G = grad_y if grad_y is not None else torch.zeros((x.shape[0], n_out), dtype=dt)
+        G = grad_y if grad_y is not None else torch.zeros((x.shape[0], spec.out_features), dtype=dt)
         gk = 0.0 if grad_kl is None else float(grad_kl.detach())
-        est = spec.estimator
-        grad_x = None
-        if need_p:
-            A = _work(spec, "A", P, dt)
-            torch.mm(G.t(), x, out=A[:k].view(n_out, n_in))
-            torch.sum(G, 0, out=A[k:])
-        BC = None
-        if est == "reparam":
-            (W,) = ctx.cache
-            if need_x:
-                grad_x = G @ W
-            data = "reparam"
-        elif est == "flipout":
-            xs, Sg, R, dW, M = ctx.cache
-            GR = G * R
-            if need_x:
-                grad_x = G @ M + (GR @ dW) * Sg
-            if need_p:
-                BC = _work(spec, "B", P, dt)
-                torch.mm(GR.t(), xs, out=BC[:k].view(n_out, n_in))
-                torch.sum(GR, 0, out=BC[k:])
-            data = "times_eps"
-        else:
-            x2, V, std, zeta, M, sigma = ctx.cache
-            H = G * zeta / (2.0 * std)
-            if need_x:
-                grad_x = G @ M + 2.0 * x * (H @ V)
-            if need_p:
-                BC = _work(spec, "B", P, dt)
-                torch.mm(H.t(), x2, out=BC[:k].view(n_out, n_in))
-                torch.sum(H, 0, out=BC[k:])
-                BC.mul_(sigma).mul_(2.0)  # dNLL/dsigma = 2 sigma dNLL/dvar
-            data = "direct"
+        grad_x, A, BC, data = spec.ops.backward(_TorchProducts(spec, dt), ctx.cache, G, need_x=need_x,
+                                                need_params=need_p)
         gl = gr = None
         if need_p:
-            loc_np, rho_np = _np(loc), _np(rho)
             kl_mode = spec.kl if gk != 0.0 else "none"
             # the KL value came from the forward's one-pass kernel: not formed again here
-            gl, gr, _, _ = spec.kernel(data, kl_mode, spec.key, loc_np, rho_np, A.numpy(),
-                                       None if BC is None else BC.numpy(), *spec.params, gk, spec.workers,
-                                       compute_kl=False)
+            gl, gr, _, _ = spec.ops.param_grads(data, kl_mode, spec.key, _np(loc), _np(rho), A.numpy(),
+                                                None if BC is None else BC.numpy(), gk, spec.workers,
+                                                compute_kl=False)
             gl = torch.from_numpy(gl) if ctx.needs_input_grad[1] else None
             gr = torch.from_numpy(gr) if ctx.needs_input_grad[2] else None
         return grad_x, gl, gr, None
@@ -459,7 +431,7 @@ class BayesianLinear(nn.Module):
         if not isinstance(estimator, str) or estimator not in _ESTIMATORS:
             raise ValueError(f"estimator must be one of {', '.join(map(repr, _ESTIMATORS))}, got {estimator!r}")
         self.estimator = estimator
-        self.prior = ScaleMixtureNormal(0.5, 1.0, math.exp(-6)) if prior is None else prior
+        self.prior = _ops.default_prior() if prior is None else prior
         _check_prior(self.prior)
         _check_kl(kl, self.prior)
         self.kl = kl
@@ -468,7 +440,7 @@ class BayesianLinear(nn.Module):
         if dtype not in _NP_DTYPES:
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         # None: one thread or every core for vigrad's kernels, whichever the layer's forwards
-        # measure faster (vigrad.bnn._Threads): two threads help a large layer on an idle machine
+        # measure faster (vigrad._layer_ops.Threads): two threads help a large layer on an idle machine
         # (784-400-400-10 step: 5.3 ms with two, 7.2 ms with one) and cost many times that when
         # other work holds the cores
         self.workers = resolve_workers(workers)
@@ -569,22 +541,19 @@ class BayesianLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         sample = self.training if self.sampling is None else bool(self.sampling)
+        np_dtype = _NP_DTYPES[self.loc.dtype]
+        ops = _ops.LinearOps(self.in_features, self.out_features, self.estimator, self.prior, np_dtype)
         if not sample:
-            y = nn.functional.linear(x2, self.weight_loc, self.bias_loc)
+            y = ops.mean(_TorchProducts(None, self.loc.dtype), x2, self.loc)
             return y.reshape(*lead, self.out_features)
         stream = 0 if self.training else 1
         with torch.no_grad():
             step = int(self.noise_step[stream])
             key = derive_key(self.seed, step, stream)
             self.noise_step[stream] += 1
-        np_dtype = _NP_DTYPES[self.loc.dtype]
-        normal = isinstance(self.prior, Normal)
-        kernel = _core.bbb_grad_normal if normal else _core.bbb_grad_mixture
-        noise_kernel = _core.bbb_noise_kl_normal if normal else _core.bbb_noise_kl_mixture
         nw = self._threads.pick()  # the backward of this forward uses the same threads
-        spec = _Spec(self.estimator, self.kl, key, kernel, noise_kernel,
-                     _prior_flat(self.prior, np_dtype, (self.num_params,)), nw, self.in_features,
-                     self.out_features, self._work_buffers)
+        spec = _Spec(self.estimator, self.kl, key, ops.grad_kernel, ops.noise_kernel, ops.prior_params, nw,
+                     self.in_features, self.out_features, self._work_buffers, ops)
         t0 = time.perf_counter()
         y, kl = _LinearFn.apply(x2, self.loc, self.rho, spec)
         self._threads.record(nw, time.perf_counter() - t0)
