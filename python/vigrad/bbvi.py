@@ -25,8 +25,7 @@ import numpy as np
 from . import diagnostics as _diag
 from . import optim as _optim
 from ._validation import as_float_array, check_num_samples, check_real, resolve_rng, resolve_workers
-from .vi import (DEFAULT_LR, ESTIMATORS, FAMILIES, VI, ConvergenceMonitor, FitError, Laplace, _check_init,
-                 _has_grads)
+from .vi import DEFAULT_LR, VI, ConvergenceMonitor, FitError, Laplace, _check_init, _has_grads
 
 __all__ = ["fit", "FitResult", "FitError", "FitDiagnostics"]
 
@@ -143,22 +142,15 @@ class _GradStats:
 
 def _optimizer_from(lr, optimizer):
     """The optimiser for fit's lr / optimizer arguments ("adaptive" is resolved later)."""
-    if optimizer is not None:
-        if lr is not None:
-            raise ValueError("give lr or optimizer, not both (lr is the step size of the default Adam)")
-        if not isinstance(optimizer, _optim.Optimizer):
-            raise TypeError(f"optimizer must be a vigrad.optim Optimizer (e.g. vg.optim.adam(0.05)), "
-                            f"got {type(optimizer).__name__}")
-        return optimizer
-    if lr is None:
-        return _optim.adam(DEFAULT_LR)
     if isinstance(lr, str):
         if lr != "adaptive":
             raise ValueError(f"lr must be a positive float, a schedule, 'adaptive' or None, got {lr!r}")
+        if optimizer is not None:
+            raise ValueError("give lr or optimizer, not both (lr is the step size of the default Adam)")
         return "adaptive"
-    if callable(lr):
-        return _optim.adam(lr)
-    return _optim.adam(check_real(lr, "lr", positive=True))
+    if lr is not None and not callable(lr):
+        lr = check_real(lr, "lr", positive=True)
+    return _optim._resolve(lr, optimizer, DEFAULT_LR)
 
 
 def fit(log_joint: Callable, init, *, family: str = "meanfield", rank: Optional[int] = None,
@@ -217,7 +209,7 @@ def fit(log_joint: Callable, init, *, family: str = "meanfield", rank: Optional[
         memory for full rank, or 2 min(d, 64) evaluations and O(d) memory for mean field and low rank
         (:meth:`VI.laplace`).
     psis_samples : int
-        Draws from q for the PSIS k-hat diagnostic (capped so that they fit in ~800 MB).
+        Draws from q for the PSIS k-hat diagnostic, evaluated in calls of at most 2^22 / d draws.
     workers : int or None
 
     Returns
@@ -406,17 +398,27 @@ def _report(t, steps, mean, rep, elapsed):
     print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
 
 
+_PSIS_CHUNK = 1 << 22  # elements of z per log-joint call of the PSIS draws (32 MiB)
+
+
 def _psis_khat(q, log_joint, n, gen, workers, d):
-    """Pareto k-hat of the importance ratios p / q over n draws from q (Yao et al. 2018)."""
-    n = min(n, max(0, int(1e8 // max(d, 1))))
+    """Pareto k-hat of the importance ratios p / q over n draws from q (Yao et al. 2018), drawn and
+    evaluated in chunks of at most _PSIS_CHUNK elements (O(d) memory)."""
     if n < 20:
         return float("nan")
-    z = q.sample(n, rng=gen, workers=workers)
-    z.flags.writeable = False
-    out = log_joint(z)
-    log_p = np.asarray(as_float_array(out[0] if isinstance(out, tuple) else out, "log_joint values"),
-                       dtype=np.float64)
-    log_w = log_p - q.log_prob(z, workers=workers).astype(np.float64)
+    per_call = max(1, _PSIS_CHUNK // max(d, 1))
+    log_w = []
+    for start in range(0, n, per_call):
+        z = q.sample(min(per_call, n - start), rng=gen, workers=workers)
+        z.flags.writeable = False
+        out = log_joint(z)
+        log_p = np.asarray(as_float_array(out[0] if isinstance(out, tuple) else out, "log_joint values"),
+                           dtype=np.float64)
+        if log_p.shape != (z.shape[0],):
+            raise ValueError(f"log_joint values must have shape ({z.shape[0]},) for z of shape {z.shape}, "
+                             f"got {log_p.shape}")
+        log_w.append(log_p - q.log_prob(z, workers=workers).astype(np.float64))
+    log_w = np.concatenate(log_w)
     if not np.isfinite(log_w).all():
         return float("inf")
     return float(_diag.psis(log_w).khat)

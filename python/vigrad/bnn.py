@@ -547,10 +547,11 @@ class BayesianMLP:
         return yc
 
     # -- training ----------------------------------------------------------------------------------
-    def fit(self, X, y, *, epochs, batch_size=128, lr=1e-3, kl_weighting="uniform", validation_data=None,
+    def fit(self, X, y, *, epochs, batch_size=128, lr=None, kl_weighting="uniform", validation_data=None,
             progress=False, shuffle="shuffle", clip_norm=None, early_stopping=None, val_samples=10,
-            checkpoint=None, resume=False):
-        """Train by minibatch Adam on F_i = kl_weight_i KL[q || prior] - log P(D_i | w).
+            checkpoint=None, resume=False, optimizer=None):
+        """Train by minibatch stochastic optimisation (Adam by default) on F_i = kl_weight_i KL[q || prior]
+        - log P(D_i | w).
 
         Parameters
         ----------
@@ -558,6 +559,11 @@ class BayesianMLP:
         epochs : int
         batch_size : int
         lr : float or schedule (callable step -> float, e.g. vg.optim.exponential(...))
+            The step size of the default optimiser, ``vg.optim.adam(lr)`` (None: 1e-3).
+        optimizer : vigrad.optim.Optimizer, optional
+            Any optimiser of :mod:`vigrad.optim` instead of lr (not both).  Plain Adam (no clipping or
+            weight decay) with one sample runs fused into each layer's backward pass; every other
+            update is the optimiser's own in-place step.  ``checkpoint`` keeps Adam's state only.
         kl_weighting : {"uniform", "blundell"}
             1/M for M minibatches per epoch, or Blundell's pi_i = 2^(M-i)/(2^M-1) for the i-th.
         validation_data : (X_val, y_val), optional
@@ -592,7 +598,13 @@ class BayesianMLP:
             raise ValueError(f"kl_weighting must be 'uniform' or 'blundell', got {kl_weighting!r}")
         if shuffle not in ("shuffle", "replacement"):
             raise ValueError(f"shuffle must be 'shuffle' or 'replacement', got {shuffle!r}")
-        schedule = lr if callable(lr) else _optim.constant(check_real(lr, "lr", positive=True))
+        if lr is not None and not callable(lr):
+            check_real(lr, "lr", positive=True)
+        opt = _optim._resolve(lr, optimizer, 1e-3)
+        schedule = _optim._as_schedule(opt.hyperparams["lr"])
+        fusable = _optim._plain_adam(opt)
+        if fusable is None and opt.name != "adam" and checkpoint is not None:
+            raise ValueError(f"checkpoint saves Adam's state; optimizer={opt.name!r} has no checkpoint format")
         if clip_norm is not None:
             clip_norm = check_real(clip_norm, "clip_norm", positive=True)
         if validation_data is not None:
@@ -635,14 +647,16 @@ class BayesianMLP:
         step, m, v = self._opt_state
         # the fused path (Adam inside each layer's backward kernel) needs the whole gradient of a
         # step from one pass: one sample and no clipping by the global norm
-        fused = self.num_samples == 1 and clip_norm is None
+        fused = self.num_samples == 1 and clip_norm is None and fusable is not None
+        # optimisers other than Adam keep their own state for this call (moments as theta)
+        other = opt.init(self._theta) if opt.name != "adam" else None
         t0 = time.perf_counter()
         sums = [0.0, 0.0, 0]
         for batch in stream:
             i = batch.step % M
             xb, yb = X[batch.indices], y[batch.indices]
-            hyper = (step, _optim._lr_at(schedule, step), 0.9, 0.999, 1e-8)
             if fused:  # one sample, no clipping: each layer's kernel takes its Adam step
+                hyper = (step, _optim._lr_at(schedule, step), *fusable)
                 nll, klv = self._step_grad(xb, yb, float(kl_w[i]), step, adam=(m, v, hyper))
                 if self._learn_noise:
                     _core.adam_update(self._theta[-1:], self._grad[-1:], m[-1:], v[-1:], *hyper, 1)
@@ -652,7 +666,11 @@ class BayesianMLP:
                     norm = float(np.sqrt(np.dot(self._grad.astype(np.float64), self._grad.astype(np.float64))))
                     if norm > clip_norm:
                         self._grad *= self.dtype.type(clip_norm / norm)
-                _core.adam_update(self._theta, self._grad, m, v, *hyper, self.workers)
+                if other is None:  # Adam: the moments m, v kept on the model
+                    state = _optim.AdamState(np.array(step, dtype=np.int64), (m,), (v,))
+                    opt.update(self._grad, state, self._theta, inplace=True, workers=self.workers)
+                else:
+                    _, other = opt.update(self._grad, other, self._theta, inplace=True, workers=self.workers)
             step += 1
             sums[0] += nll
             sums[1] += klv

@@ -691,6 +691,28 @@ def rmsprop(lr=1e-2, *, decay=0.99, eps=1e-8, momentum=0.0, clip_norm=None, clip
     return _make("rmsprop", hyper, schedule, clip_norm, clip_value, weight_decay, fields, kernel)
 
 
+def _resolve(lr, optimizer, default_lr) -> Optimizer:
+    """The optimiser of a fit's ``lr`` / ``optimizer`` arguments: ``optimizer`` itself, or Adam with
+    step size ``lr`` (``default_lr`` when None); giving both is an error."""
+    if optimizer is not None:
+        if lr is not None:
+            raise ValueError("give lr or optimizer, not both (lr is the step size of the default Adam)")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a vigrad.optim Optimizer (e.g. vg.optim.adam(1e-3)), "
+                            f"got {type(optimizer).__name__}")
+        return optimizer
+    return adam(default_lr if lr is None else lr)
+
+
+def _plain_adam(opt: Optimizer):
+    """(b1, b2, eps) when ``opt`` is Adam without clipping or weight decay (the step the
+    Bayes-by-Backprop kernels can fuse into their backward pass), else None."""
+    h = opt.hyperparams
+    if opt.name != "adam" or h["clip_norm"] is not None or h["clip_value"] is not None or h["weight_decay"]:
+        return None
+    return h["b1"], h["b2"], h["eps"]
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
