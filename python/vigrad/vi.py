@@ -718,30 +718,40 @@ def _t_quantile(p, nu):
     return z + g1 / nu + g2 / nu**2 + g3 / nu**3 + g4 / nu**4
 
 
-def _pooled_tau(X):
-    """Integrated autocorrelation time of the columns of X (N, m), their autocorrelations averaged
-    over the columns (each normalised by its own variance) and summed by Geyer's (1992) initial
-    monotone sequence; >= 1.  Pooling makes a short window's estimate usable."""
-    N = X.shape[0]
+def _geyer(ac):
+    """Geyer's (1992) initial monotone sequence estimate 2 sum(rho) - 1 from the autocorrelations
+    ac (N, m) of each column (ac[0] == 1), >= 1 per column."""
+    N = ac.shape[0]
+    pairs = ac[0:N - 1:2] + ac[1:N:2]  # (N // 2, m)
+    ok = np.cumprod(pairs > 0, axis=0).astype(bool)  # up to the first non-positive pair
+    mono = np.minimum.accumulate(np.where(ok, pairs, np.inf), axis=0)
+    return np.maximum(1.0, 2.0 * np.where(ok, mono, 0.0).sum(axis=0) - 1.0)
+
+
+def _autocorr_times(X):
+    """Integrated autocorrelation times of the columns of X (N, m): (pooled, per column).
+
+    Each column is detrended (its least-squares line removed: a drift, which the drift test is
+    for, would otherwise read as a long autocorrelation and keep the window from ever being
+    tested) and normalised; "pooled" sums the column-averaged autocorrelations by Geyer's
+    initial monotone sequence, usable from a short window; the per-column values are noisier
+    but catch a parameter that relaxes much more slowly than the rest."""
+    N, m = X.shape
     if N < 4:
-        return 1.0
-    # each column's least-squares line removed: a drift (which the drift test is for) would
-    # otherwise read as a long autocorrelation and keep the window from ever being tested
+        return 1.0, np.ones(m)
     t = np.arange(N, dtype=np.float64) - 0.5 * (N - 1)
     Xc = X - X.mean(axis=0)
     Xc = Xc - np.outer(t, (t @ Xc) / (t @ t))
     v = np.einsum("ij,ij->j", Xc, Xc)
     keep = v > 0
+    per = np.ones(m)
     if not keep.any():
-        return 1.0
+        return 1.0, per
     Xc = Xc[:, keep] / np.sqrt(v[keep])
     f = np.fft.rfft(Xc, 2 * N, axis=0)
-    ac = np.fft.irfft(f * np.conj(f), 2 * N, axis=0)[:N].mean(axis=1)
-    ac /= ac[0]
-    pairs = ac[0:N - 1:2] + ac[1:N:2]
-    neg = np.flatnonzero(pairs <= 0)
-    k = int(neg[0]) if neg.size else pairs.size
-    return max(1.0, float(2.0 * np.minimum.accumulate(pairs[:k]).sum() - 1.0))
+    ac = np.fft.irfft(f * np.conj(f), 2 * N, axis=0)[:N]  # column norms are 1: ac[0] == 1
+    per[keep] = _geyer(ac)
+    return float(_geyer(ac.mean(axis=1, keepdims=True))[0]), per
 
 
 class ConvergenceMonitor:
@@ -891,15 +901,25 @@ class ConvergenceMonitor:
         if k < 2 or N < self._required:
             return False  # short windows are not tested: their tau, and so their errors, are too noisy
         X = np.asarray(self._hist[-max(2, N // self._thin):])
-        tau = _pooled_tau(X) * self._thin
+        tau, tau_cols = _autocorr_times(X)
+        tau *= self._thin
+        tau_max = max(tau, float(tau_cols.max(initial=1.0)) * self._thin)
         if N < 5.0 * tau:
-            return False
+            return False  # too short for the autocorrelation, and so the standard errors, to be measured
+        # a tracked parameter's MCSE uses the larger of the pooled tau and its own
+        tau_param = [np.full(p.shape, tau) for p in self._state.params]
+        col = 0
+        for b, sel in enumerate(self._tracked):
+            flat = tau_param[b].reshape(-1)
+            flat[sel] = np.maximum(tau, tau_cols[col:col + sel.size] * self._thin)
+            col += sel.size
         h = k // 2
         nb = len(self._state.params)
         whole = [_combine([(sg.n, *sg.moments(i)) for sg in segs]) for i in range(nb)]
         mean = tuple(w[1] for w in whole)
         units = _mcse_units(self.vi.family, mean)
         n_params = sum(np.size(m) for m in mean)
+        n_free = 0  # parameters that moved in the window
         # the halves' standard errors rest on about N / tau effective draws: Student's t with that
         # many degrees of freedom, Bonferroni-corrected over the parameters
         zc = _t_quantile(1.0 - self.alpha / (2.0 * max(n_params, 1)), N / tau)
@@ -915,19 +935,22 @@ class ConvergenceMonitor:
             max_z = max(max_z, float(z.max(initial=0.0)))
             drift = drift or bool(np.any((z > zc) & (diff * units[i] > self.tol)))
             n, _, M2 = whole[i]
-            mcse = np.sqrt(M2 / (n - 1) * tau / n)
+            n_free += int(np.count_nonzero(M2 > 0))
+            mcse = np.sqrt(M2 / (n - 1) * tau_param[i] / n)
             max_mcse = max(max_mcse, float((mcse * units[i]).max(initial=0.0)))
             if i == 0:
                 mcse_loc = mcse
         # the -ELBO estimates are nearly independent from step to step (fresh samples): a decrease
-        # between the halves beyond its standard error means the fit is still improving
+        # between the halves beyond its standard error means the fit is still improving, by more
+        # than the tolerance can resolve when it exceeds the KL of tol sds in every parameter
         if all(sg.nl == sg.n for sg in segs):
             LA = [(sg.nl, sg.l1 / sg.nl, sg.l2 - sg.l1 * sg.l1 / sg.nl) for sg in segs[:h]]
             LB = [(sg.nl, sg.l1 / sg.nl, sg.l2 - sg.l1 * sg.l1 / sg.nl) for sg in segs[k - h:]]
             (na, ma, va), (nb_, mb, vb) = _combine(LA), _combine(LB)
             se_l = math.sqrt(max(va / (na - 1) / na + vb / (nb_ - 1) / nb_, 0.0))
             z_loss = (ma - mb) / se_l if se_l > 0 else 0.0
-            if z_loss > NormalDist().inv_cdf(1.0 - self.alpha / (2.0 * (n_params + 1))):
+            if z_loss > NormalDist().inv_cdf(1.0 - self.alpha / (2.0 * (n_params + 1))) \
+                    and ma - mb > 0.5 * self.tol**2 * n_free:
                 drift = True
         if drift:
             # the run drifted until now: the window must now cover at least as many steps as came
@@ -937,7 +960,9 @@ class ConvergenceMonitor:
             self._segments = segs[h:]
             self._hist = self._hist[max(0, len(self._hist) - (N - dropped) // self._thin):]
             self._restarts += 1
-        converged = not drift and max_mcse <= self.tol
+        # a parameter whose autocorrelation time is a fifth of the window or more has not been
+        # measured: no stop before the window is 5 times the slowest one's
+        converged = not drift and max_mcse <= self.tol and N >= 5.0 * tau_max
         self._report = MonitorReport(converged, self.window(), max_mcse, max_z, tau, mcse_loc, self._restarts)
         return converged
 
