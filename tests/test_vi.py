@@ -300,3 +300,10 @@ def test_monitor_arguments():
         vg.vi.ConvergenceMonitor(vi, tol=0.0)
     with pytest.raises(ValueError, match="has seen no state"):
         vg.vi.ConvergenceMonitor(vi).average()
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(vgvi, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

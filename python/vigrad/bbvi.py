@@ -115,14 +115,17 @@ class _GradStats:
     """Per-coordinate running sums of the gradients over windows of _SNR_WINDOW steps (for the SNR)."""
 
     def __init__(self, names):
-        self.names, self.n, self.sums, self.last = names, 0, None, None
+        self.names, self.n, self.sums, self.last, self.tmp = names, 0, None, None, None
 
     def add(self, grads):
         if self.sums is None:
             self.sums = [[np.zeros(g.shape), np.zeros(g.shape)] for g in grads]
-        for (s1, s2), g in zip(self.sums, grads):
+        if self.tmp is None:
+            self.tmp = [np.empty(g.shape) for g in grads]
+        for (s1, s2), g, tmp in zip(self.sums, grads, self.tmp):
             s1 += g
-            s2 += np.square(g)
+            np.multiply(g, g, out=tmp)
+            s2 += tmp
         self.n += 1
         if self.n == _SNR_WINDOW:
             self.last, self.sums, self.n = self.snr(), None, 0

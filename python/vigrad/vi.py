@@ -604,17 +604,24 @@ class VI:
         if need_grads:
             gx = g if T.size == 0 else (g * T if T.ndim == 1 else g @ T)
             grads = q._pathwise(eps, np.ascontiguousarray(gx), "stl" if self.estimator == "stl" else "mc", nw)
-            # the (S, d) gradients are checked only when the family's (smaller, and non-finite
-            # whenever an input is) come out non-finite: one pass less per step
-            if not all(np.isfinite(gb).all() for gb in grads):
-                _check_grads(g, where, t)
         else:
             grads = _score_gradient(q, x, eps, log_p)
-        del z, x, eps, g  # the work arrays are free for the next step
+        del z, x, eps  # the work arrays are free for the next step
         loss = -float(log_p.mean()) - _entropy(q, nw) - self._log_det(T)
-        if not math.isfinite(loss) or not all(np.isfinite(gb).all() for gb in grads):
-            raise FitError(f"the fit diverged at step {t}: the -ELBO or its gradient is not finite", t, None)
-        new_params, opt_state = self.optimizer.update(grads, state.opt_state, params, workers=nw)
+        if not math.isfinite(loss):
+            raise FitError(f"the fit diverged at step {t}: the -ELBO is not finite", t, None)
+        try:
+            # the optimiser's kernel reports a non-finite gradient (in the family's gradients,
+            # which are non-finite whenever an input is): the (S, d) ones are searched only then
+            new_params, opt_state = self.optimizer.update(grads, state.opt_state, params, workers=nw)
+        except ValueError:
+            if not all(np.isfinite(gb).all() for gb in grads):
+                if g is not None:
+                    _check_grads(g, where, t)
+                raise FitError(f"the fit diverged at step {t}: the gradient of the -ELBO is not finite", t,
+                               None) from None
+            raise
+        del g
         new_params = tuple(_frozen(p) for p in new_params)
         try:
             self._local.q = (new_params, self._cls._from_params(new_params, nw))  # checked; the next step's q
