@@ -57,7 +57,7 @@ def main(fast=False, outdir=None):
     # for a Gaussian target is already the answer), so that the stochastic optimisation does the work.
     # tol: the Monte Carlo error of the fitted means and log-sds, in sds (the default 0.05 is coarser
     # than the 3 % this example shows).  Full mode: more samples per step, a smaller step, tol halved.
-    opts = dict(num_steps=4000, tol=0.01) if fast else dict(num_steps=20000, num_samples=32, lr=0.01, tol=0.005)
+    opts = dict(num_steps=10000, tol=0.01) if fast else dict(num_steps=40000, num_samples=32, lr=0.01, tol=0.005)
     sd_true = np.sqrt(np.diag(SIGMA))
     sd_mf_theory = 1 / np.sqrt(np.diag(PREC))
     print("target N(m, Sigma), Sigma = diag(d^2) + u u^T:")
