@@ -34,8 +34,8 @@ import numpy as np  # noqa: E402
 import vigrad as vg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_pyro import (CHECKPOINTS, EVAL_SAMPLES, NUM_PARTICLES, PORT_RTOL, PYRO_LR, PYRO_STEPS, QUICK,  # noqa: E402
-                          RANKS, TOLERANCE, VG_SWEEP, NegElbo, get_model, print_table, table_row, vigrad_runs)
+from compare_pyro import (CHECKPOINTS, NUM_PARTICLES, PORT_RTOL, PYRO_LR, RANKS, TOLERANCE, NegElbo,  # noqa: E402
+                          get_model, run_all, settings_for, table_row, vigrad_runs)
 
 try:
     import jax
@@ -163,12 +163,7 @@ def main(argv=None):
         return 0
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
-    if args.quick:
-        args.repeats = 1
-        settings = {"steps": dict.fromkeys(PYRO_STEPS, QUICK["pyro_steps"]), "vg_sweep": QUICK["vg_sweep"],
-                    "eval_samples": QUICK["eval_samples"]}
-    else:
-        settings = {"steps": PYRO_STEPS, "vg_sweep": VG_SWEEP, "eval_samples": EVAL_SAMPLES}
+    settings = settings_for(args)
     models = [get_model(name) for name in RANKS]
     rng = np.random.default_rng(args.seed)
     port_errs = [check_port(m, jax_log_density(m), rng) for m in models]
@@ -177,15 +172,8 @@ def main(argv=None):
           f"{'quick: ' if args.quick else ''}steps {settings['steps']}; judge: {settings['eval_samples']} "
           f"draws; target = worse final -ELBO + {TOLERANCE}; median of {args.repeats}; "
           f"JAX port max rel. error {max(port_errs):.1e}")
-    rows = []
-    t0 = time.perf_counter()
-    for model in models:
-        for family in ("fullrank", "lowrank"):
-            rows += compare(model, family, args, settings)
-    print_table(rows)
-    print(f"({time.perf_counter() - t0:.0f} s in all)")
+    run_all(models, compare, args, settings)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

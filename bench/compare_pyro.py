@@ -246,7 +246,7 @@ def compare(model, family, args, settings):
     vg_raw_repeats = [vigrad_runs(model, family, rank, settings["vg_sweep"], judge, args.seed, map_init=False)
                       for _ in range(args.repeats)]
     lr = args.pyro_lr or PYRO_LR[model.name]
-    pyro_repeats = [pyro_run(model, log_density, family, rank, settings["pyro_steps"][model.name],
+    pyro_repeats = [pyro_run(model, log_density, family, rank, settings["steps"][model.name],
                              lr, judge, args.seed)
                     for _ in range(args.repeats)]
     final_vg = statistics.median(r[-1][2] for r in vg_repeats)
@@ -304,12 +304,7 @@ def main(argv=None):
         return 0
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
-    if args.quick:
-        args.repeats = 1
-        settings = {"pyro_steps": dict.fromkeys(PYRO_STEPS, QUICK["pyro_steps"]),
-                    "vg_sweep": QUICK["vg_sweep"], "eval_samples": QUICK["eval_samples"]}
-    else:
-        settings = {"pyro_steps": PYRO_STEPS, "vg_sweep": VG_SWEEP, "eval_samples": EVAL_SAMPLES}
+    settings = settings_for(args)
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(2)
     models = [get_model(name) for name in RANKS]
@@ -317,9 +312,24 @@ def main(argv=None):
     port_errs = [check_port(m, torch_log_density(m), rng) for m in models]
     print(f"vigrad {vg.__version__}, pyro {pyro.__version__}, torch {torch.__version__}; float64, "
           f"2 threads; {NUM_PARTICLES} samples per step; Pyro Adam, "
-          f"{'quick: ' if args.quick else ''}steps {settings['pyro_steps']}; judge: "
+          f"{'quick: ' if args.quick else ''}steps {settings['steps']}; judge: "
           f"{settings['eval_samples']} draws; target = worse final -ELBO + {TOLERANCE}; "
           f"median of {args.repeats}; torch port max rel. error {max(port_errs):.1e}")
+    run_all(models, compare, args, settings)
+    return 0
+
+
+def settings_for(args):
+    """The step budgets, vg.fit sweep and judge size of a full or ``--quick`` run."""
+    if args.quick:
+        args.repeats = 1
+        return {"steps": dict.fromkeys(PYRO_STEPS, QUICK["pyro_steps"]), "vg_sweep": QUICK["vg_sweep"],
+                "eval_samples": QUICK["eval_samples"]}
+    return {"steps": PYRO_STEPS, "vg_sweep": VG_SWEEP, "eval_samples": EVAL_SAMPLES}
+
+
+def run_all(models, compare, args, settings):
+    """Every model and family through ``compare``, then the table."""
     rows = []
     t0 = time.perf_counter()
     for model in models:
@@ -327,8 +337,6 @@ def main(argv=None):
             rows += compare(model, family, args, settings)
     print_table(rows)
     print(f"({time.perf_counter() - t0:.0f} s in all)")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

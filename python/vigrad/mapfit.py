@@ -362,6 +362,19 @@ def lbfgs(
 
 # -- Hessian and Laplace ------------------------------------------------------------------------
 
+def _check_point(grad_batch, x):
+    """The arguments of the Hessian functions: a callable, and x as a finite float64 (d,) array."""
+    if not callable(grad_batch):
+        raise TypeError(f"grad_batch must be callable, got {type(grad_batch).__name__}")
+    x = as_float_array(x, "x", dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"x must be 1-D, shape (d,), got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError("x must have at least one coordinate, got shape (0,)")
+    check_finite(x, "x")
+    return x
+
+
 def numerical_hessian(grad_batch: Callable[[np.ndarray], np.ndarray], x, *, step=None) -> np.ndarray:
     r"""Hessian by central differences of the gradient, in one batched gradient call.
 
@@ -407,14 +420,7 @@ def numerical_hessian(grad_batch: Callable[[np.ndarray], np.ndarray], x, *, step
     >>> bool(np.allclose(H, A, rtol=0, atol=1e-8))
     True
     """
-    if not callable(grad_batch):
-        raise TypeError(f"grad_batch must be callable, got {type(grad_batch).__name__}")
-    x = as_float_array(x, "x", dtype=np.float64)
-    if x.ndim != 1:
-        raise ValueError(f"x must be 1-D, shape (d,), got shape {x.shape}")
-    if x.size == 0:
-        raise ValueError("x must have at least one coordinate, got shape (0,)")
-    check_finite(x, "x")
+    x = _check_point(grad_batch, x)
     d = x.size
     if step is None:
         h = _EPS ** (1.0 / 3.0) * np.maximum(1.0, np.abs(x))
@@ -513,14 +519,7 @@ def hessian_diagonal(grad_batch: Callable[[np.ndarray], np.ndarray], x, *, num_p
     >>> res.exact, res.calls, bool(np.allclose(res.diag, a, rtol=1e-8))
     (False, 1, True)
     """
-    if not callable(grad_batch):
-        raise TypeError(f"grad_batch must be callable, got {type(grad_batch).__name__}")
-    x = as_float_array(x, "x", dtype=np.float64)
-    if x.ndim != 1:
-        raise ValueError(f"x must be 1-D, shape (d,), got shape {x.shape}")
-    if x.size == 0:
-        raise ValueError("x must have at least one coordinate, got shape (0,)")
-    check_finite(x, "x")
+    x = _check_point(grad_batch, x)
     num_probes = check_num_samples(num_probes, "num_probes")
     max_elements = check_num_samples(max_elements, "max_elements")
     gen = resolve_rng(rng)
