@@ -203,9 +203,11 @@ def fit(log_joint: Callable, init, *, family: str = "meanfield", rank: Optional[
     tol : float
         Convergence: the Monte Carlo standard error of the averaged parameters, each in units of its
         coordinate's sd (the mean's MCSE over the sd, and the MCSE of the log-sd), must fall below
-        tol, over a window in which split-R-hat says the iterates no longer drift (Dhaka et al.
-        2020; see ConvergenceMonitor).  The default 0.05 returns means and sds known to about 5 %
-        of an sd; each halving of tol costs about four times the steps.
+        tol, over a window whose two halves agree (no drift between them beyond their standard
+        errors, nor a falling -ELBO; Dhaka et al. 2020; see ConvergenceMonitor).  The default 0.05
+        returns means and sds known to about 5 % of an sd; each halving of tol costs about four
+        times the steps.  On posteriordb's kidiq, sblrc and arK the default fits took 189-270 calls
+        of the log joint, MAP search included; eight schools 1 000-9 500 steps.
     map_init : bool or None
         Start at the MAP and whiten with the Laplace approximation (default: when gradients are
         available).  Cost: the L-BFGS search, then 2d gradient evaluations in one call and O(d^2)

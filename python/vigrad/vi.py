@@ -200,7 +200,7 @@ _MAP_MAX_ITER = 200  # the MAP only seeds the fit, which moves on from wherever 
 _NUM_PROBES = 64     # curvature probes of the mean-field / low-rank Laplace (VI.laplace)
 
 
-def _laplace(log_joint, family, x0, gen, num_probes, workers):
+def _laplace(log_joint, family, x0, gen, num_probes):
     """MAP by L-BFGS from x0, then the family's whitening (see VI.laplace)."""
     target = _LogJoint(log_joint)
     calls = [0]
@@ -481,7 +481,7 @@ class VI:
         """
         x0 = _check_init(init)
         num_probes = check_num_samples(num_probes, "num_probes")
-        return _laplace(self.log_joint, self.family, x0, resolve_rng(rng), num_probes, self.workers)
+        return _laplace(self.log_joint, self.family, x0, resolve_rng(rng), num_probes)
 
     # -- init, step, q -----------------------------------------------------------------------------
     def init(self, init, *, rng=None, precondition=False) -> VIState:
@@ -511,7 +511,7 @@ class VI:
                 raise ValueError(f"precondition is a Laplace for d = {lap.x.size}, but init has d = {x0.size}")
         elif isinstance(precondition, (bool, np.bool_)):
             if precondition:
-                lap = _laplace(self.log_joint, self.family, x0, gen, _NUM_PROBES, self.workers)
+                lap = _laplace(self.log_joint, self.family, x0, gen, _NUM_PROBES)
         elif precondition is not None:
             raise TypeError(f"precondition must be a bool or a Laplace (from VI.laplace), "
                             f"got {type(precondition).__name__}")
