@@ -19,17 +19,19 @@ Protocol
 * Each method's own settings: 8 samples per step for both (vg.fit's default; Pyro
   ``Trace_ELBO(num_particles=8, vectorize_particles=True)``), float64, 2 threads, both
   started at z = 0.  vg.fit with its defaults (MAP start by L-BFGS, Laplace whitening, Adam
-  lr 0.02, its own stopping rule, Polyak averaging).  Pyro: ``pyro.optim.Adam`` at a fixed lr
+  lr 0.05, its convergence monitor, the iterate average over the final window).  Pyro: ``pyro.optim.Adam`` at a fixed lr
   per model (:data:`PYRO_LR`: the best final -ELBO of the full-rank guide among 0.003 to 0.3
   tried; ``--pyro-lr`` overrides) for :data:`PYRO_STEPS` steps, the guide's default
   ``init_scale``; its final q is the last iterate.
 * Target: the worse of the two final -ELBOs (medians over the repeats) plus
   :data:`TOLERANCE` nats.  Time to target:
   - Pyro: the SVI run is scored every 1/40 of its budget; the time to target is the SVI time
-    (``svi.step`` calls only, scoring excluded) up to the first checkpoint at or below the target.
+    (``svi.step`` calls only, scoring excluded) up to the first checkpoint at or below the target;
+    its log-joint calls are its steps (each evaluates the 8 particles in one batch).
   - vigrad: ``vg.fit`` is timed whole (MAP search, fit, PSIS k-hat), once to its own
     convergence and once for each ``num_steps`` in :data:`VG_SWEEP` below that; the time to
-    target is the time of the shortest of these fits that reaches the target.  A second vigrad
+    target is the time of the shortest of these fits that reaches the target, and its calls of
+    the log joint (``diagnostics.log_joint_calls``: MAP search, curvature, steps, PSIS draws).  A second vigrad
     row, ``map_init=False``, runs the same way in the raw coordinates, as Pyro does (no MAP
     start, no Laplace whitening): it separates the starting strategy from the speed per step.
 * Every timing is the median over ``--repeats`` runs with the same seed (same trajectory, only
@@ -164,32 +166,34 @@ def reference_errors(model, loc, cov):
 # -- the two methods ------------------------------------------------------------------------------
 
 def run_vigrad(model, family, rank, num_steps, seed, map_init=True):
-    """One timed ``vg.fit`` from z = 0: (wall seconds, steps done, loc, cov)."""
+    """One timed ``vg.fit`` from z = 0: (wall seconds, steps done, log-joint calls, loc, cov)."""
     t0 = time.perf_counter()
     res = vg.fit(model.log_joint, np.zeros(model.dim), family=family, rank=rank,
                  num_steps=num_steps, rng=seed, map_init=map_init)
     wall = time.perf_counter() - t0
-    return wall, res.diagnostics["num_steps"], np.array(res.q.loc), np.array(res.q.cov)
+    d = res.diagnostics
+    return wall, d.steps, d.log_joint_calls, np.array(res.q.loc), np.array(res.q.cov)
 
 
 def vigrad_runs(model, family, rank, sweep, judge, seed, map_init=True):
     """vg.fit to its own convergence, then with each num_steps in ``sweep`` below that.
 
-    Returns a list of (steps, wall, -ELBO, loc, cov), the shortest fit first, the full one last."""
-    wall, steps, loc, cov = run_vigrad(model, family, rank, 10000, seed, map_init)
-    full = (steps, wall, judge(loc, cov), loc, cov)
+    Returns a list of (steps, wall, -ELBO, loc, cov, calls), the shortest fit first, the full one
+    last."""
+    wall, steps, calls, loc, cov = run_vigrad(model, family, rank, 10000, seed, map_init)
+    full = (steps, wall, judge(loc, cov), loc, cov, calls)
     runs = []
     for n in (k for k in sweep if k < steps):
-        w, s, l_, c = run_vigrad(model, family, rank, n, seed, map_init)
-        runs.append((s, w, judge(l_, c), l_, c))
+        w, s, k_, l_, c = run_vigrad(model, family, rank, n, seed, map_init)
+        runs.append((s, w, judge(l_, c), l_, c, k_))
     return runs + [full]
 
 
 def pyro_run(model, log_density, family, rank, steps, lr, judge, seed):
     """SVI from z = 0 for ``steps`` steps, scored every steps / CHECKPOINTS steps.
 
-    Returns a list of checkpoints (steps, SVI seconds so far, -ELBO, loc, cov); the last one is
-    the final q."""
+    Returns a list of checkpoints (steps, SVI seconds so far, -ELBO, loc, cov, log-joint calls);
+    the last one is the final q."""
     d = model.dim
 
     def pyro_model():
@@ -217,16 +221,18 @@ def pyro_run(model, log_density, family, rank, steps, lr, judge, seed):
             posterior = guide.get_posterior()
             loc = posterior.loc.numpy().copy()
             cov = posterior.covariance_matrix.numpy().copy()
-        checkpoints.append((min(start + every, steps), elapsed, judge(loc, cov), loc, cov))
+        done = min(start + every, steps)
+        checkpoints.append((done, elapsed, judge(loc, cov), loc, cov, done))
     return checkpoints
 
 
 # -- the comparison -------------------------------------------------------------------------------
 
 def first_reaching(runs, target):
-    """(steps, seconds) of the first run / checkpoint whose -ELBO is at or below target, or
-    (None, None) when none does."""
-    return next(((steps, wall) for steps, wall, value, _, _ in runs if value <= target), (None, None))
+    """(steps, seconds, log-joint calls) of the first run / checkpoint whose -ELBO is at or below
+    target, or (None, None, None) when none does."""
+    return next(((steps, wall, calls) for steps, wall, value, _, _, calls in runs if value <= target),
+                (None, None, None))
 
 
 def compare(model, family, args, settings):
@@ -240,7 +246,7 @@ def compare(model, family, args, settings):
     vg_raw_repeats = [vigrad_runs(model, family, rank, settings["vg_sweep"], judge, args.seed, map_init=False)
                       for _ in range(args.repeats)]
     lr = args.pyro_lr or PYRO_LR[model.name]
-    pyro_repeats = [pyro_run(model, log_density, family, rank, settings["pyro_steps"][model.name],
+    pyro_repeats = [pyro_run(model, log_density, family, rank, settings["steps"][model.name],
                              lr, judge, args.seed)
                     for _ in range(args.repeats)]
     final_vg = statistics.median(r[-1][2] for r in vg_repeats)
@@ -251,29 +257,36 @@ def compare(model, family, args, settings):
     for method, repeats, final in (("vigrad", vg_repeats, final_vg),
                                    ("vigrad, map_init=False", vg_raw_repeats, final_raw),
                                    ("pyro", pyro_repeats, final_pyro)):
-        steps, _, _, loc, cov = repeats[0][-1]
-        reached = [first_reaching(r, target) for r in repeats]
-        rows.append({
-            "model": model.name.split("-")[0], "family": family + (f"({rank})" if rank else ""),
-            "method": f"pyro lr {lr}" if method == "pyro" else method, "steps": steps,
-            "wall": statistics.median(r[-1][1] for r in repeats),
-            "neg_elbo": final, "ref_err": reference_errors(model, loc, cov), "target": target,
-            "steps_to_target": reached[0][0],
-            "time_to_target": (statistics.median(t for _, t in reached)
-                               if all(t is not None for _, t in reached) else None),
-        })
+        rows.append(table_row(model, family, rank, f"pyro lr {lr}" if method == "pyro" else method, repeats,
+                              final, target))
     return rows
 
 
+def table_row(model, family, rank, method, repeats, final, target):
+    """One row of the table from ``repeats`` (each a list of runs / checkpoints, the final last)."""
+    steps, _, _, loc, cov, calls = repeats[0][-1]
+    reached = [first_reaching(r, target) for r in repeats]
+    return {
+        "model": model.name.split("-")[0], "family": family + (f"({rank})" if rank else ""),
+        "method": method, "steps": steps, "calls": calls,
+        "wall": statistics.median(r[-1][1] for r in repeats),
+        "neg_elbo": final, "ref_err": reference_errors(model, loc, cov), "target": target,
+        "steps_to_target": reached[0][0], "calls_to_target": reached[0][2],
+        "time_to_target": (statistics.median(t for _, t, _ in reached)
+                           if all(t is not None for _, t, _ in reached) else None),
+    }
+
+
 def print_table(rows):
-    head = ("model", "family", "method", "steps", "wall s", "-ELBO", "mean err", "sd err",
-            "target", "steps@tgt", "s to tgt")
+    head = ("model", "family", "method", "steps", "calls", "wall s", "-ELBO", "mean err", "sd err",
+            "target", "steps@tgt", "calls@tgt", "s to tgt")
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" if i < 3 else "---:" for i in range(len(head))) + "|")
     for r in rows:
-        cells = (r["model"], r["family"], r["method"], str(r["steps"]), f"{r['wall']:.3f}",
+        cells = (r["model"], r["family"], r["method"], str(r["steps"]), str(r["calls"]), f"{r['wall']:.3f}",
                  f"{r['neg_elbo']:.3f}", f"{r['ref_err'][0]:.3f}", f"{r['ref_err'][1]:.3f}",
                  f"{r['target']:.3f}", str(r["steps_to_target"] or "not reached"),
+                 str(r["calls_to_target"] or "-"),
                  "-" if r["time_to_target"] is None else f"{r['time_to_target']:.3f}")
         print("| " + " | ".join(cells) + " |")
 
@@ -291,12 +304,7 @@ def main(argv=None):
         return 0
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
-    if args.quick:
-        args.repeats = 1
-        settings = {"pyro_steps": dict.fromkeys(PYRO_STEPS, QUICK["pyro_steps"]),
-                    "vg_sweep": QUICK["vg_sweep"], "eval_samples": QUICK["eval_samples"]}
-    else:
-        settings = {"pyro_steps": PYRO_STEPS, "vg_sweep": VG_SWEEP, "eval_samples": EVAL_SAMPLES}
+    settings = settings_for(args)
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(2)
     models = [get_model(name) for name in RANKS]
@@ -304,9 +312,24 @@ def main(argv=None):
     port_errs = [check_port(m, torch_log_density(m), rng) for m in models]
     print(f"vigrad {vg.__version__}, pyro {pyro.__version__}, torch {torch.__version__}; float64, "
           f"2 threads; {NUM_PARTICLES} samples per step; Pyro Adam, "
-          f"{'quick: ' if args.quick else ''}steps {settings['pyro_steps']}; judge: "
+          f"{'quick: ' if args.quick else ''}steps {settings['steps']}; judge: "
           f"{settings['eval_samples']} draws; target = worse final -ELBO + {TOLERANCE}; "
           f"median of {args.repeats}; torch port max rel. error {max(port_errs):.1e}")
+    run_all(models, compare, args, settings)
+    return 0
+
+
+def settings_for(args):
+    """The step budgets, vg.fit sweep and judge size of a full or ``--quick`` run."""
+    if args.quick:
+        args.repeats = 1
+        return {"steps": dict.fromkeys(PYRO_STEPS, QUICK["pyro_steps"]), "vg_sweep": QUICK["vg_sweep"],
+                "eval_samples": QUICK["eval_samples"]}
+    return {"steps": PYRO_STEPS, "vg_sweep": VG_SWEEP, "eval_samples": EVAL_SAMPLES}
+
+
+def run_all(models, compare, args, settings):
+    """Every model and family through ``compare``, then the table."""
     rows = []
     t0 = time.perf_counter()
     for model in models:
@@ -314,8 +337,6 @@ def main(argv=None):
             rows += compare(model, family, args, settings)
     print_table(rows)
     print(f"({time.perf_counter() - t0:.0f} s in all)")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,7 @@
 """Black-box VI (issue 4): full-rank and low-rank sampling + gradient kernels against the NumPy
-reference, and the overhead of vg.fit per step over the log joint's own time.
+reference.  (vg.fit's cost per step is in test_bench_fit.py.)
 
-Groups: fullrank-d100, fullrank-d1000 (S = 8), lowrank-d1e5-r10 (S = 8), fit-step-d1e5 (mean
-field, S = 8: one vg.fit step vs one call of the log joint it optimises).  Each group checks that
+Groups: fullrank-d100, fullrank-d1000 (S = 8), lowrank-d1e5-r10 (S = 8).  Each group checks that
 the implementations agree, outside the timed calls.
 """
 
@@ -89,33 +88,3 @@ def _lowrank_numpy_woodbury(_unused, loc, diag, U, g, key=7):
     g_U = a.T @ eps[:, d:] / S - W @ Ci
     return z, (g_loc, g_diag, g_U)
 
-
-D_FIT = 10**5
-_rng = np.random.default_rng(5)
-_MU, _PREC = _rng.standard_normal(D_FIT), _rng.uniform(0.5, 2.0, D_FIT)
-
-
-def gaussian_log_joint(z):
-    r = z - _MU
-    g = -r * _PREC
-    return 0.5 * np.einsum("sj,sj->s", r, g), g
-
-
-@pytest.mark.parametrize("what", ["vg.fit step", "log_joint alone"])
-def test_fit_overhead_per_step(benchmark, what):
-    """Mean field at d = 10^5, S = 8, no MAP start: 50 steps of vg.fit vs 50 calls of its log joint
-    on batches of the same shape.  (The overhead ratio is in bench/README.md.)"""
-    tag(benchmark, "fit-step-d1e5", impl=what, d=D_FIT, S=S, steps=50)
-    if what == "vg.fit step":
-        res = benchmark.pedantic(vg.fit, args=(gaussian_log_joint, np.zeros(D_FIT)),
-                                 kwargs=dict(rng=0, num_steps=50, map_init=False, psis_samples=0), rounds=3,
-                                 iterations=1)
-        assert len(res.losses) == 50 and np.isfinite(res.losses).all()
-    else:
-        z = np.random.default_rng(0).standard_normal((S, D_FIT))
-
-        def fifty():
-            for _ in range(50):
-                gaussian_log_joint(z)
-
-        benchmark.pedantic(fifty, rounds=3, iterations=1)

@@ -13,6 +13,7 @@
 #include "vigrad/gradients.hpp"
 #include "vigrad/kernels.hpp"
 #include "vigrad/meanfield.hpp"
+#include "vigrad/optim.hpp"
 #include "vigrad/priors.hpp"
 
 #ifndef VIGRAD_ISA_LEVEL
@@ -204,6 +205,9 @@ Kernels<Real> make_kernels() {
   k.bbb_noise_kl = &noise_kl_entry<Real>;
   k.bbb_grad = &bbb_grad_entry<Real>;
   k.adam_update = &adam_update<Real>;
+  k.adam_step = &adam_step<Real>;
+  k.sgd_step = &sgd_step<Real>;
+  k.rmsprop_step = &rmsprop_step<Real>;
   return k;
 }
 

@@ -27,6 +27,7 @@ PYBIND11_MODULE(_core, m) {
   vigrad::bind::bind_families(m);
   vigrad::bind::bind_bbb(m);
   vigrad::bind::bind_blas(m);
+  vigrad::bind::bind_optim(m);
 
   py::dict info;
 #if defined(__clang__)

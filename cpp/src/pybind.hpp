@@ -116,5 +116,6 @@ void bind_gradients(py::module_& m);
 void bind_families(py::module_& m);
 void bind_bbb(py::module_& m);
 void bind_blas(py::module_& m);
+void bind_optim(py::module_& m);
 
 }  // namespace vigrad::bind

@@ -13,6 +13,8 @@ from .distributions import MeanFieldGaussian, Normal, ScaleMixtureNormal, kl_div
 from .estimators import ElboGrad, elbo_grad, pathwise_grad, score_grad
 from .families import FullRankGaussian, LowRankGaussian
 from .bbvi import FitError, FitResult, fit
+from .vi import VI
+from . import vi
 from .bnn import BayesianLinear, BayesianMLP
 
 __version__ = "0.1.0"
@@ -45,6 +47,8 @@ __all__ = [
     "fit",
     "FitResult",
     "FitError",
+    "VI",
+    "vi",
     "optim",
     "data",
     "diagnostics",

@@ -222,7 +222,7 @@ class MeanFieldGaussian:
         return (self._loc, self._rho)
 
     @classmethod
-    def _from_params(cls, params):
+    def _from_params(cls, params, workers=None):
         """From an optimiser's arrays, without the checks and copies of __init__ (vg.fit checks the
         finiteness of every step's gradients and loss instead)."""
         loc, rho = params
@@ -230,7 +230,7 @@ class MeanFieldGaussian:
             return cls(loc, rho)  # the full check, with its error message
         self = object.__new__(cls)
         self._loc, self._rho = _readonly(loc), _readonly(rho)
-        self._scale = _readonly(_core.softplus(rho.reshape(-1), resolve_workers(None)).reshape(rho.shape))
+        self._scale = _readonly(_core.softplus(rho.reshape(-1), resolve_workers(workers)).reshape(rho.shape))
         if self._scale.size and not (self._scale > 0).all():
             return cls(loc, rho)
         return self

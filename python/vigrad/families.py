@@ -166,7 +166,7 @@ class FullRankGaussian:
         return (self._loc, self._tril)
 
     @classmethod
-    def _from_params(cls, params):
+    def _from_params(cls, params, workers=None):
         return cls(*params)
 
     def _noise_shape(self, S):
@@ -282,7 +282,7 @@ class LowRankGaussian:
         return (self._loc, self._rho, self._U)
 
     @classmethod
-    def _from_params(cls, params):
+    def _from_params(cls, params, workers=None):
         return cls(*params)
 
     def _noise_shape(self, S):

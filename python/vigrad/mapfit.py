@@ -9,6 +9,9 @@ References
 Nocedal, J. and Wright, S. J. (2006). Numerical Optimization, 2nd ed., Springer:
 Algorithm 7.4 (L-BFGS two-loop recursion), Algorithms 3.5 and 3.6 (strong Wolfe line
 search with zoom), equation (8.7) (central differences of the gradient).
+
+Curtis, A. R., Powell, M. J. D. and Reid, J. K. (1974). On the estimation of sparse
+Jacobian matrices.  J. Inst. Math. Appl. 13, 117-119 (grouped probes).
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from ._validation import as_float_array, check_finite, check_num_samples, check_real
+from ._validation import as_float_array, check_finite, check_num_samples, check_real, resolve_rng
 
 __all__ = [
     "LbfgsResult",
     "LaplaceResult",
     "lbfgs",
     "numerical_hessian",
+    "HessianDiagonal",
+    "hessian_diagonal",
     "laplace_approximation",
 ]
 
@@ -357,6 +362,19 @@ def lbfgs(
 
 # -- Hessian and Laplace ------------------------------------------------------------------------
 
+def _check_point(grad_batch, x):
+    """The arguments of the Hessian functions: a callable, and x as a finite float64 (d,) array."""
+    if not callable(grad_batch):
+        raise TypeError(f"grad_batch must be callable, got {type(grad_batch).__name__}")
+    x = as_float_array(x, "x", dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"x must be 1-D, shape (d,), got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError("x must have at least one coordinate, got shape (0,)")
+    check_finite(x, "x")
+    return x
+
+
 def numerical_hessian(grad_batch: Callable[[np.ndarray], np.ndarray], x, *, step=None) -> np.ndarray:
     r"""Hessian by central differences of the gradient, in one batched gradient call.
 
@@ -402,14 +420,7 @@ def numerical_hessian(grad_batch: Callable[[np.ndarray], np.ndarray], x, *, step
     >>> bool(np.allclose(H, A, rtol=0, atol=1e-8))
     True
     """
-    if not callable(grad_batch):
-        raise TypeError(f"grad_batch must be callable, got {type(grad_batch).__name__}")
-    x = as_float_array(x, "x", dtype=np.float64)
-    if x.ndim != 1:
-        raise ValueError(f"x must be 1-D, shape (d,), got shape {x.shape}")
-    if x.size == 0:
-        raise ValueError("x must have at least one coordinate, got shape (0,)")
-    check_finite(x, "x")
+    x = _check_point(grad_batch, x)
     d = x.size
     if step is None:
         h = _EPS ** (1.0 / 3.0) * np.maximum(1.0, np.abs(x))
@@ -438,6 +449,110 @@ def numerical_hessian(grad_batch: Callable[[np.ndarray], np.ndarray], x, *, step
     G = G.astype(np.float64, copy=False)
     H = (G[:d] - G[d:]) / (h_up + h_down)[:, None]
     return 0.5 * (H + H.T)
+
+
+class HessianDiagonal(NamedTuple):
+    """Result of :func:`hessian_diagonal`."""
+
+    diag: np.ndarray
+    """The estimate of diag(H), float64, shape (d,)."""
+    exact: bool
+    """True when every probe moved one coordinate (d <= num_probes): then ``diag`` is the
+    central-difference diagonal itself, as :func:`numerical_hessian` gives it."""
+    num_probes: int
+    """Probe directions used, min(d, num_probes)."""
+    calls: int
+    """Calls of ``grad_batch``."""
+
+
+def hessian_diagonal(grad_batch: Callable[[np.ndarray], np.ndarray], x, *, num_probes: int = 64,
+                     max_elements: int = 1 << 22, rng=None) -> HessianDiagonal:
+    r"""The diagonal of a Hessian from a fixed number of gradient differences, in O(d) memory.
+
+    The d coordinates are split into ``K = min(d, num_probes)`` groups, coordinate i in group
+    ``i mod K`` (Curtis, Powell & Reid 1974), and each group is probed with one central
+    difference of the gradient along ``v_g = sum_{i in g} s_i h_i e_i``, with signs
+    ``s_i = +-1`` drawn from ``rng`` and the steps ``h_i`` of :func:`numerical_hessian`:
+
+        H_ii ~ s_i (grad(x + v_g) - grad(x - v_g))_i / (2 h_i)
+             = H_ii + sum_{j in g, j != i} s_i s_j H_ij h_j / h_i  + O(h^2).
+
+    With d <= num_probes every group holds one coordinate and the result is the exact
+    central-difference diagonal.  Otherwise it is exact when no two coordinates of a group
+    interact, e.g. for a diagonal Hessian, or a banded one of bandwidth < K; in general the
+    error of entry i is a random-sign sum of the ~d/K other entries of its row in its group:
+    unbiased, with variance ``sum_{j in g, j != i} H_ij^2 (h_j / h_i)^2``.
+
+    Cost: 2K gradient evaluations, in calls of at most ``max_elements // d`` points (at least
+    two); memory O(d) per point, so ``max_elements`` floats per call (default 2^22, 32 MiB).
+
+    Parameters
+    ----------
+    grad_batch : callable
+        ``grad_batch(X) -> G`` for a float64 batch X of shape (n, d): the gradients at each
+        row, shape (n, d).
+    x : array_like, shape (d,), finite
+        Not modified.
+    num_probes : int >= 1
+    max_elements : int >= 1
+    rng : int, numpy.random.Generator or None, keyword-only
+        The probe signs (unused when d <= num_probes).
+
+    Returns
+    -------
+    HessianDiagonal
+        ``(diag, exact, num_probes, calls)``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`numerical_hessian`.
+
+    Examples
+    --------
+    A diagonal Hessian is found exactly whatever the number of probes:
+
+    >>> import numpy as np
+    >>> from vigrad.mapfit import hessian_diagonal
+    >>> a = np.linspace(1.0, 3.0, 1000)
+    >>> res = hessian_diagonal(lambda X: X * a, np.zeros(1000), num_probes=8, rng=0)
+    >>> res.exact, res.calls, bool(np.allclose(res.diag, a, rtol=1e-8))
+    (False, 1, True)
+    """
+    x = _check_point(grad_batch, x)
+    num_probes = check_num_samples(num_probes, "num_probes")
+    max_elements = check_num_samples(max_elements, "max_elements")
+    gen = resolve_rng(rng)
+    d = x.size
+    K = min(d, num_probes)
+    exact = K == d
+    h = _EPS ** (1.0 / 3.0) * np.maximum(1.0, np.abs(x))
+    signs = np.ones(d) if exact else np.where(gen.random(d) < 0.5, -1.0, 1.0)
+    step = (x + h) - x  # the steps as represented: the probe moves coordinate i by +-step_i
+    if not (step > 0).all():
+        raise ValueError("x is too large for a central difference at float64 precision")
+    group = np.arange(d) % K
+    per_call = max(2, (max_elements // d) // 2 * 2)  # an even number of points: the +- pairs
+    diag = np.empty(d)
+    calls = 0
+    for g0 in range(0, K, per_call // 2):
+        gs = np.arange(g0, min(K, g0 + per_call // 2))
+        n = gs.size
+        X = np.repeat(x[None, :], 2 * n, axis=0)
+        for k, g in enumerate(gs):
+            idx = np.flatnonzero(group == g)
+            X[k, idx] += signs[idx] * step[idx]
+            X[n + k, idx] -= signs[idx] * step[idx]
+        G = as_float_array(grad_batch(X), "the gradients returned by grad_batch")
+        calls += 1
+        if G.shape != (2 * n, d):
+            raise ValueError(f"grad_batch must return shape (n, d) = ({2 * n}, {d}) for its (n, d) input, "
+                             f"got {G.shape}")
+        check_finite(G, "the gradients returned by grad_batch")
+        for k, g in enumerate(gs):
+            idx = np.flatnonzero(group == g)
+            diag[idx] = signs[idx] * (G[k, idx] - G[n + k, idx]) / (2.0 * step[idx])
+    return HessianDiagonal(diag, bool(exact), int(K), calls)
 
 
 def _cholesky(a):

@@ -1,4 +1,4 @@
-"""The thin optimiser every fit in vigrad uses: functional, optax-style, NumPy only.
+"""The optimiser every fit in vigrad uses: functional, optax-style, on the core's fused kernels.
 
 An optimiser is a small immutable object with ``init`` and ``update``; its state is a
 NamedTuple of plain ndarrays, so ``np.savez`` of the parameters and the state (see
@@ -13,6 +13,16 @@ NamedTuple of plain ndarrays, so ``np.savez`` of the parameters and the state (s
 which is treated as a 1-tuple and returned as a single array.  Gradients are those of
 the quantity being *minimised*.  ``update`` returns new arrays and never writes to the
 caller's ``params``, ``grads`` or ``state``; every check runs before any arithmetic.
+``update(grads, state, params, inplace=True)`` instead writes the new values into ``params``
+and the state's moment arrays (C-contiguous and writeable) and returns them with a new step.
+
+This module is the only place an update rule is written.  Each rule is one fused pass of the
+C++ core over each parameter array (``vigrad/optim.hpp``: the moments, the step and the
+decoupled weight decay per element, in blocks whose results do not depend on the thread
+count); out of place and in place run the same arithmetic, and Adam's is the one fused into
+the Bayes-by-Backprop backward pass, so ``vg.optim.adam``, ``BayesianMLP.fit`` and
+``vg.fit`` take the same steps to the bit.  ``workers`` (keyword of ``update``) follows
+``scipy.fft``.
 
 State layout (the step is a 0-d int64 array, the moments are tuples with one array per
 parameter, each of that parameter's shape and dtype):
@@ -45,7 +55,8 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
-from ._validation import as_float_array, check_num_samples, check_real
+from . import _core
+from ._validation import as_float_array, check_num_samples, check_real, resolve_workers
 
 __all__ = [
     "Optimizer",
@@ -388,7 +399,8 @@ class Optimizer(NamedTuple):
     init: Callable
     """``init(params) -> state``: zero moments of the params' shapes and dtypes, step 0."""
     update: Callable
-    """``update(grads, state, params) -> (new_params, new_state)``; nothing is written in place."""
+    """``update(grads, state, params, *, inplace=False, workers=None) -> (new_params, new_state)``;
+    with ``inplace=False`` nothing is written to the arguments."""
     hyperparams: Mapping[str, Any]
     """The arguments the optimiser was built with (read-only)."""
 
@@ -436,11 +448,25 @@ def _check_moments(moments, params, name):
             )
 
 
-def _make(name, hyper, schedule, clip_norm, clip_value, weight_decay, moment_fields, step_fn):
-    """Build an Optimizer from a per-array step function.
+def _flat(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous 1-D view of ``a`` (a copy only when ``a`` is not contiguous)."""
+    return np.ascontiguousarray(a).reshape(-1)
 
-    ``step_fn(g, moments_i, lr, t)`` -> (delta, new_moments_i) where the update is
-    ``p_new = p * (1 - lr * wd) - delta`` and ``t`` is the 1-based update number.
+
+def _check_inplace(arrs, what):
+    for i, a in enumerate(arrs):
+        if not (a.flags.c_contiguous and a.flags.writeable):
+            raise ValueError(f"inplace=True needs C-contiguous writeable arrays, got {what}[{i}] "
+                             f"(contiguous {a.flags.c_contiguous}, writeable {a.flags.writeable})")
+
+
+def _make(name, hyper, schedule, clip_norm, clip_value, weight_decay, moment_fields, kernel):
+    """Build an Optimizer around a core kernel.
+
+    ``kernel(p, g, moments, out_p, out_moments, step, lr, decay, workers) -> bool`` runs the rule
+    on flat arrays of one dtype (``moments`` / ``out_moments``: dicts field -> flat array), writing
+    to the outputs, which may be the inputs themselves; ``step`` counts the updates before this
+    one, ``decay = 1 - lr * weight_decay``; it returns whether every gradient was finite.
     ``moment_fields`` lists the state's tuple fields that are in use (others are ``()``).
     """
     state_type = _STATE_TYPES[name]
@@ -451,7 +477,7 @@ def _make(name, hyper, schedule, clip_norm, clip_value, weight_decay, moment_fie
         fields = {f: (_zeros_like(arrs) if f in moment_fields else ()) for f in tuple_fields}
         return state_type(step=_step_array(0), **fields)
 
-    def update(grads, state, params):
+    def update(grads, state, params, *, inplace=False, workers=None):
         p_arrs, single = _as_tuple(params, "params")
         g_raw, _ = _as_tuple(grads, "grads")
         if len(g_raw) != len(p_arrs):
@@ -461,7 +487,6 @@ def _make(name, hyper, schedule, clip_norm, clip_value, weight_decay, moment_fie
                 raise ValueError(f"grads[{i}] must have the shape of params[{i}], {p.shape}, got {g.shape}")
         with np.errstate(over="ignore"):  # float64 grads too large for float32 params: caught below
             g_arrs = tuple(g.astype(p.dtype, copy=False) for g, p in zip(g_raw, p_arrs))
-        _check_finite_grads(g_arrs)
         if not isinstance(state, state_type):
             raise TypeError(f"state must be an {state_type.__name__} (from {name}().init), got {type(state).__name__}")
         step = state.step
@@ -475,24 +500,47 @@ def _make(name, hyper, schedule, clip_norm, clip_value, weight_decay, moment_fie
             elif not (isinstance(getattr(state, f), tuple) and len(getattr(state, f)) == 0):
                 raise ValueError(f"state.{f} must be () for this optimiser's settings, "
                                  f"got {type(getattr(state, f)).__name__} of length {len(getattr(state, f))}")
+        if not isinstance(inplace, (bool, np.bool_)):
+            raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+        nw = resolve_workers(workers)
         lr = _lr_at(schedule, step)
+        if inplace:
+            _check_inplace(p_arrs, "params")
+            for f in moment_fields:
+                _check_inplace(getattr(state, f), f"state.{f}")
+        if inplace or clip_value is not None or clip_norm is not None:
+            # in place nothing may change before the check, and clipping would hide an inf; otherwise
+            # the kernel reports a non-finite gradient and its fresh outputs are dropped
+            _check_finite_grads(g_arrs)
 
         if clip_value is not None:
             g_arrs = _clip_value(g_arrs, clip_value)
         if clip_norm is not None:
             g_arrs = _clip_norm(g_arrs, clip_norm)
 
-        t = step + 1
+        decay = 1.0 - lr * weight_decay if weight_decay else 1.0
         new_params, new_moments = [], {f: [] for f in moment_fields}
+        outputs = []
         for i, (g, p) in enumerate(zip(g_arrs, p_arrs)):
             moments = {f: getattr(state, f)[i] for f in moment_fields}
-            delta, updated = step_fn(g, moments, lr, t)
-            base = p * p.dtype.type(1.0 - lr * weight_decay) if weight_decay else p
-            new_params.append(base - delta)
+            if inplace:
+                out_p, out_m = p, moments
+            else:
+                out_p = np.empty(p.shape, p.dtype)
+                out_m = {f: np.empty(p.shape, p.dtype) for f in moment_fields}
+            outputs.append((p, g, moments, out_p, out_m))
+            new_params.append(out_p)
             for f in moment_fields:
-                new_moments[f].append(updated[f])
+                new_moments[f].append(out_m[f])
+        finite = True
+        for p, g, moments, out_p, out_m in outputs:
+            ok = kernel(_flat(p), _flat(g), {f: _flat(a) for f, a in moments.items()}, out_p.reshape(-1),
+                        {f: a.reshape(-1) for f, a in out_m.items()}, step, lr, decay, nw)
+            finite = finite and ok
+        if not finite:  # out of place: the outputs are dropped, the caller's arrays were only read
+            _check_finite_grads(g_arrs)
         fields = {f: (tuple(new_moments[f]) if f in moment_fields else ()) for f in tuple_fields}
-        new_state = state_type(step=_step_array(t), **fields)
+        new_state = state_type(step=_step_array(step + 1), **fields)
         return (new_params[0] if single else tuple(new_params)), new_state
 
     return Optimizer(name=name, init=init, update=update, hyperparams=MappingProxyType(hyper))
@@ -537,16 +585,12 @@ def adam(lr=1e-3, *, b1=0.9, b2=0.999, eps=1e-8, clip_norm=None, clip_value=None
     b2 = _check_unit_interval(b2, "b2")
     eps = check_real(eps, "eps", positive=True)
 
-    def step_fn(g, mom, lr_t, t):
-        dt = g.dtype.type
-        m = mom["m"] + (g - mom["m"]) * dt(1.0 - b1)
-        v = mom["v"] * dt(b2) + g * g * dt(1.0 - b2)
-        step_size = lr_t / (1.0 - b1**t)
-        denom = np.sqrt(v) / dt(math.sqrt(1.0 - b2**t)) + dt(eps)
-        return m / denom * dt(step_size), {"m": m, "v": v}
+    def kernel(p, g, mom, out_p, out_mom, step, lr_t, decay, workers):
+        return _core.optim_adam(p, g, mom["m"], mom["v"], out_p, out_mom["m"], out_mom["v"], step, lr_t,
+                                b1, b2, eps, decay, workers)
 
     hyper = dict(lr=lr, b1=b1, b2=b2, eps=eps, clip_norm=clip_norm, clip_value=clip_value, weight_decay=weight_decay)
-    return _make("adam", hyper, schedule, clip_norm, clip_value, weight_decay, ("m", "v"), step_fn)
+    return _make("adam", hyper, schedule, clip_norm, clip_value, weight_decay, ("m", "v"), kernel)
 
 
 def sgd(lr, *, momentum=0.0, nesterov=False, clip_norm=None, clip_value=None, weight_decay=0.0) -> Optimizer:
@@ -590,18 +634,14 @@ def sgd(lr, *, momentum=0.0, nesterov=False, clip_norm=None, clip_value=None, we
     if nesterov and momentum == 0.0:
         raise ValueError("nesterov=True needs momentum > 0, got momentum=0.0")
 
-    def step_fn(g, mom, lr_t, t):
-        dt = g.dtype.type
-        if momentum == 0.0:
-            return g * dt(lr_t), {}
-        buf = mom["momentum_buf"] * dt(momentum) + g
-        d = g + buf * dt(momentum) if nesterov else buf
-        return d * dt(lr_t), {"momentum_buf": buf}
+    def kernel(p, g, mom, out_p, out_mom, step, lr_t, decay, workers):
+        return _core.optim_sgd(p, g, mom.get("momentum_buf"), out_p, out_mom.get("momentum_buf"), lr_t, momentum,
+                               nesterov, decay, workers)
 
     fields = ("momentum_buf",) if momentum > 0 else ()
     hyper = dict(lr=lr, momentum=momentum, nesterov=nesterov, clip_norm=clip_norm, clip_value=clip_value,
                  weight_decay=weight_decay)
-    return _make("sgd", hyper, schedule, clip_norm, clip_value, weight_decay, fields, step_fn)
+    return _make("sgd", hyper, schedule, clip_norm, clip_value, weight_decay, fields, kernel)
 
 
 def rmsprop(lr=1e-2, *, decay=0.99, eps=1e-8, momentum=0.0, clip_norm=None, clip_value=None,
@@ -641,19 +681,36 @@ def rmsprop(lr=1e-2, *, decay=0.99, eps=1e-8, momentum=0.0, clip_norm=None, clip
     eps = check_real(eps, "eps", positive=True)
     momentum = _check_unit_interval(momentum, "momentum")
 
-    def step_fn(g, mom, lr_t, t):
-        dt = g.dtype.type
-        s = mom["square_avg"] * dt(decay) + g * g * dt(1.0 - decay)
-        d = g / (np.sqrt(s) + dt(eps))
-        if momentum == 0.0:
-            return d * dt(lr_t), {"square_avg": s}
-        buf = mom["momentum_buf"] * dt(momentum) + d
-        return buf * dt(lr_t), {"square_avg": s, "momentum_buf": buf}
+    def kernel(p, g, mom, out_p, out_mom, step, lr_t, wd_decay, workers):
+        return _core.optim_rmsprop(p, g, mom["square_avg"], mom.get("momentum_buf"), out_p, out_mom["square_avg"],
+                                   out_mom.get("momentum_buf"), lr_t, decay, eps, momentum, wd_decay, workers)
 
     fields = ("square_avg", "momentum_buf") if momentum > 0 else ("square_avg",)
     hyper = dict(lr=lr, decay=decay, eps=eps, momentum=momentum, clip_norm=clip_norm, clip_value=clip_value,
                  weight_decay=weight_decay)
-    return _make("rmsprop", hyper, schedule, clip_norm, clip_value, weight_decay, fields, step_fn)
+    return _make("rmsprop", hyper, schedule, clip_norm, clip_value, weight_decay, fields, kernel)
+
+
+def _resolve(lr, optimizer, default_lr) -> Optimizer:
+    """The optimiser of a fit's ``lr`` / ``optimizer`` arguments: ``optimizer`` itself, or Adam with
+    step size ``lr`` (``default_lr`` when None); giving both is an error."""
+    if optimizer is not None:
+        if lr is not None:
+            raise ValueError("give lr or optimizer, not both (lr is the step size of the default Adam)")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a vigrad.optim Optimizer (e.g. vg.optim.adam(1e-3)), "
+                            f"got {type(optimizer).__name__}")
+        return optimizer
+    return adam(default_lr if lr is None else lr)
+
+
+def _plain_adam(opt: Optimizer):
+    """(b1, b2, eps) when ``opt`` is Adam without clipping or weight decay (the step the
+    Bayes-by-Backprop kernels can fuse into their backward pass), else None."""
+    h = opt.hyperparams
+    if opt.name != "adam" or h["clip_norm"] is not None or h["clip_value"] is not None or h["weight_decay"]:
+        return None
+    return h["b1"], h["b2"], h["eps"]
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -102,6 +102,15 @@ struct Kernels {
                      const AdamArgs<Real>* adam);
   void (*adam_update)(Real* p, const Real* g, Real* m, Real* v, std::int64_t n, std::int64_t step, double lr,
                       double b1, double b2, double eps, int workers);
+  // optim.hpp
+  bool (*adam_step)(const Real* p, const Real* g, const Real* m, const Real* v, Real* p_out, Real* m_out,
+                    Real* v_out, std::int64_t n, std::int64_t step, double lr, double b1, double b2, double eps,
+                    double decay, int workers);
+  bool (*sgd_step)(const Real* p, const Real* g, const Real* buf, Real* p_out, Real* buf_out, std::int64_t n,
+                   double lr, double momentum, bool nesterov, double decay, int workers);
+  bool (*rmsprop_step)(const Real* p, const Real* g, const Real* s, const Real* buf, Real* p_out, Real* s_out,
+                       Real* buf_out, std::int64_t n, double lr, double alpha, double eps, double momentum,
+                       double decay, int workers);
 };
 
 struct KernelTable {

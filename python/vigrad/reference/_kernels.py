@@ -10,7 +10,7 @@ __all__ = [
     "mixture_grad_log_prob", "kl_mf_normal", "pathwise_grad_normal", "pathwise_grad_mixture", "score_grad",
     "fullrank_affine", "fullrank_sample", "fullrank_log_prob", "fullrank_pathwise_grad", "lowrank_affine",
     "lowrank_sample", "lowrank_log_prob", "lowrank_entropy", "lowrank_pathwise_grad", "pathwise_grad_flat",
-    "bbb_noise", "bbb_grad_normal", "bbb_grad_mixture", "adam_update",
+    "bbb_noise", "bbb_grad_normal", "bbb_grad_mixture", "adam_update", "optim_adam", "optim_sgd", "optim_rmsprop",
 ]
 
 _HALF_LOG_2PI = 0.5 * np.log(2.0 * np.pi)
@@ -536,3 +536,52 @@ def adam_update(params, grads, m, v, step, lr, b1, b2, eps, workers):
     m[...] = b1 * m + (1 - b1) * g
     v[...] = b2 * v + (1 - b2) * (g * g)
     params[...] = params - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+
+
+def _decayed(params, decay):
+    return params * decay if decay != 1.0 else params.astype(np.float64)
+
+
+def optim_adam(params, grads, m, v, out_params, out_m, out_v, step, lr, b1, b2, eps, decay, workers):
+    """One Adam step of vg.optim (decoupled weight decay first) into the outputs; returns whether
+    every gradient was finite."""
+    t = step + 1
+    g = grads.astype(np.float64)
+    p = _decayed(params.astype(np.float64), decay)
+    m1 = b1 * m + (1 - b1) * g
+    v1 = b2 * v + (1 - b2) * (g * g)
+    out_params[...] = p - lr * (m1 / (1 - b1**t)) / (np.sqrt(v1 / (1 - b2**t)) + eps)
+    out_m[...] = m1
+    out_v[...] = v1
+    return bool(np.isfinite(g).all())
+
+
+def optim_sgd(params, grads, buf, out_params, out_buf, lr, momentum, nesterov, decay, workers):
+    """One SGD step of vg.optim (buf None: no momentum); returns whether every gradient was finite."""
+    g = grads.astype(np.float64)
+    p = _decayed(params.astype(np.float64), decay)
+    if buf is None:
+        out_params[...] = p - lr * g
+    else:
+        b = momentum * buf + g
+        out_params[...] = p - lr * (g + momentum * b if nesterov else b)
+        out_buf[...] = b
+    return bool(np.isfinite(g).all())
+
+
+def optim_rmsprop(params, grads, square_avg, buf, out_params, out_square_avg, out_buf, lr, alpha, eps, momentum,
+                  decay, workers):
+    """One RMSprop step of vg.optim (buf None: no momentum); returns whether every gradient was finite."""
+    g = grads.astype(np.float64)
+    p = _decayed(params.astype(np.float64), decay)
+    s = alpha * square_avg + (1 - alpha) * (g * g)
+    d = g / (np.sqrt(s) + eps)
+    if buf is None:
+        out_params[...] = p - lr * d
+    else:
+        b = momentum * buf + d
+        out_params[...] = p - lr * b
+        out_buf[...] = b
+    out_square_avg[...] = s
+    return bool(np.isfinite(g).all())
+

@@ -1,0 +1,131 @@
+// Bindings: the update rules of vg.optim (optim.hpp), in place or into separate outputs.
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "pybind.hpp"
+#include "vigrad/kernels.hpp"
+
+namespace vigrad::bind {
+
+namespace {
+
+// An (input, output) pair of one update: the output is the input itself (in place) or does not
+// overlap it.
+struct Pair {
+  py::array in, out;
+  const char* name;
+};
+
+// Shapes, writeability and aliasing of one update's arrays; returns n.  Every output must be its
+// own input or overlap nothing else; grads must not overlap any output.
+inline std::int64_t check_update(const py::array& grads, const std::vector<Pair>& pairs) {
+  const Pair& params = pairs.front();
+  require_ndim(params.in, 1, "params");
+  const std::int64_t n = params.in.shape(0);
+  require_shape(grads, {n}, "grads", "(n,) like params");
+  for (const Pair& p : pairs) {
+    const std::string in_name = p.name, out_name = "out_" + in_name;
+    require_shape(p.in, {n}, in_name.c_str(), "(n,) like params");
+    require_shape(p.out, {n}, out_name.c_str(), "(n,) like params");
+    if (!p.out.writeable()) throw py::value_error(out_name + " must be writeable");
+    const bool same = p.in.data() == p.out.data();
+    if (!same && overlaps(p.in, p.out))
+      throw py::value_error(out_name + " must be " + in_name + " itself (in place) or not overlap it");
+    if (overlaps(grads, p.out)) throw py::value_error(out_name + " must not overlap grads");
+    for (const Pair& q : pairs) {
+      if (&q == &p) continue;
+      if (overlaps(p.out, q.out) || overlaps(p.out, q.in))
+        throw py::value_error(out_name + " must not overlap " + q.name + " or out_" + q.name);
+    }
+  }
+  return n;
+}
+
+template <class Real>
+Real* wptr(py::array& a) {
+  return static_cast<Real*>(a.mutable_data());
+}
+
+template <class Real>
+const Real* rptr(const py::array& a) {
+  return static_cast<const Real*>(a.data());
+}
+
+template <class Real>
+void def_optim(py::module_& m) {
+  m.def(
+      "optim_adam",
+      [](carray<Real> p, carray<Real> g, carray<Real> mm, carray<Real> v, carray<Real> p_out, carray<Real> m_out,
+         carray<Real> v_out, std::int64_t step, double lr, double b1, double b2, double eps, double decay,
+         int workers) {
+        const std::int64_t n = check_update(g, {{p, p_out, "params"}, {mm, m_out, "m"}, {v, v_out, "v"}});
+        if (step < 0) throw py::value_error("step must be >= 0, got " + std::to_string(step));
+        check_workers(workers);
+        const Real *pp = rptr<Real>(p), *gp = rptr<Real>(g), *mp = rptr<Real>(mm), *vp = rptr<Real>(v);
+        Real *po = wptr<Real>(p_out), *mo = wptr<Real>(m_out), *vo = wptr<Real>(v_out);
+        py::gil_scoped_release release;
+        return core::kernels<Real>().adam_step(pp, gp, mp, vp, po, mo, vo, n, step, lr, b1, b2, eps, decay,
+                                               workers);
+      },
+      py::arg("params").noconvert(), py::arg("grads").noconvert(), py::arg("m").noconvert(), py::arg("v").noconvert(),
+      py::arg("out_params").noconvert(), py::arg("out_m").noconvert(), py::arg("out_v").noconvert(),
+      py::arg("step"), py::arg("lr"), py::arg("b1"), py::arg("b2"), py::arg("eps"), py::arg("decay"),
+      py::arg("workers"),
+      "One Adam step (AdamStep's arithmetic) from (params, m, v) into the outputs, which may be the inputs "
+      "themselves; params are first multiplied by decay = 1 - lr * weight_decay (skipped when 1).  Returns "
+      "whether every gradient was finite.");
+  m.def(
+      "optim_sgd",
+      [](carray<Real> p, carray<Real> g, std::optional<carray<Real>> buf, carray<Real> p_out,
+         std::optional<carray<Real>> buf_out, double lr, double momentum, bool nesterov, double decay, int workers) {
+        if (buf.has_value() != buf_out.has_value())
+          throw py::value_error("buf and out_buf must be given together (with momentum) or both be None");
+        std::vector<Pair> pairs{{p, p_out, "params"}};
+        if (buf) pairs.push_back({*buf, *buf_out, "buf"});
+        const std::int64_t n = check_update(g, pairs);
+        check_workers(workers);
+        const Real *pp = rptr<Real>(p), *gp = rptr<Real>(g), *bp = buf ? rptr<Real>(*buf) : nullptr;
+        Real *po = wptr<Real>(p_out), *bo = buf ? wptr<Real>(*buf_out) : nullptr;
+        py::gil_scoped_release release;
+        return core::kernels<Real>().sgd_step(pp, gp, bp, po, bo, n, lr, momentum, nesterov, decay, workers);
+      },
+      py::arg("params").noconvert(), py::arg("grads").noconvert(), py::arg("buf").noconvert(),
+      py::arg("out_params").noconvert(), py::arg("out_buf").noconvert(), py::arg("lr"), py::arg("momentum"),
+      py::arg("nesterov"), py::arg("decay"), py::arg("workers"),
+      "One SGD step (buf None: no momentum) into the outputs, which may be the inputs themselves.  Returns "
+      "whether every gradient was finite.");
+  m.def(
+      "optim_rmsprop",
+      [](carray<Real> p, carray<Real> g, carray<Real> s, std::optional<carray<Real>> buf, carray<Real> p_out,
+         carray<Real> s_out, std::optional<carray<Real>> buf_out, double lr, double alpha, double eps,
+         double momentum, double decay, int workers) {
+        if (buf.has_value() != buf_out.has_value())
+          throw py::value_error("buf and out_buf must be given together (with momentum) or both be None");
+        std::vector<Pair> pairs{{p, p_out, "params"}, {s, s_out, "square_avg"}};
+        if (buf) pairs.push_back({*buf, *buf_out, "buf"});
+        const std::int64_t n = check_update(g, pairs);
+        check_workers(workers);
+        const Real *pp = rptr<Real>(p), *gp = rptr<Real>(g), *sp = rptr<Real>(s);
+        const Real* bp = buf ? rptr<Real>(*buf) : nullptr;
+        Real *po = wptr<Real>(p_out), *so = wptr<Real>(s_out), *bo = buf ? wptr<Real>(*buf_out) : nullptr;
+        py::gil_scoped_release release;
+        return core::kernels<Real>().rmsprop_step(pp, gp, sp, bp, po, so, bo, n, lr, alpha, eps, momentum, decay,
+                                                  workers);
+      },
+      py::arg("params").noconvert(), py::arg("grads").noconvert(), py::arg("square_avg").noconvert(),
+      py::arg("buf").noconvert(), py::arg("out_params").noconvert(), py::arg("out_square_avg").noconvert(),
+      py::arg("out_buf").noconvert(), py::arg("lr"), py::arg("alpha"), py::arg("eps"), py::arg("momentum"),
+      py::arg("decay"), py::arg("workers"),
+      "One RMSprop step (buf None: no momentum) into the outputs, which may be the inputs themselves.  Returns "
+      "whether every gradient was finite.");
+}
+
+}  // namespace
+
+void bind_optim(py::module_& m) {
+  def_optim<double>(m);
+  def_optim<float>(m);
+}
+
+}  // namespace vigrad::bind
