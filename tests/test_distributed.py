@@ -98,7 +98,7 @@ def test_client_gives_the_bits_of_the_local_split(data, client):
 
 def test_vg_fit_on_the_cluster_equals_the_local_split(data, client):
     X, y = data
-    kw = dict(rng=4, num_steps=60, map_init=False, psis_samples=0, eval_every=20)
+    kw = dict(rng=4, num_steps=60, map_init=False, psis_samples=0)
     remote = vgd.shard_log_joint(logistic_log_lik, (X, y), client=client, log_prior=gaussian_log_prior)
     local = vgd.shard_log_joint(logistic_log_lik, (X, y), shards=2, log_prior=gaussian_log_prior)
     a = vg.fit(remote, np.zeros(D), **kw)
@@ -114,7 +114,7 @@ def test_vg_fit_on_the_cluster_equals_the_local_split(data, client):
 
 def test_a_killed_worker_changes_no_bit(data, client):
     X, y = data
-    kw = dict(rng=5, num_steps=40, map_init=False, psis_samples=0, eval_every=20)
+    kw = dict(rng=5, num_steps=40, map_init=False, psis_samples=0)
     lj = vgd.shard_log_joint(logistic_log_lik, (X, y), client=client)
     calls = {"n": 0}
     pids = client.run(os.getpid)  # worker address -> process id

@@ -695,7 +695,7 @@ def test_bayesian_mlp_fit_takes_an_optimizer():
         fit(lr=1e-3, optimizer=optim.sgd(0.1))
     with pytest.raises(TypeError, match="optimizer must be a vigrad.optim Optimizer"):
         fit(optimizer="adam")
-    with pytest.raises(ValueError, match="checkpoint saves Adam's state"):
+    with pytest.raises(ValueError, match="checkpoint and resume keep Adam's state"):
         fit(optimizer=optim.sgd(0.1), checkpoint="unused.npz")
 
 
