@@ -44,7 +44,7 @@ from ._validation import check_num_samples, check_real, resolve_workers
 from .bnn import _derive_keys
 from .distributions import Normal, ScaleMixtureNormal
 
-__all__ = ["BayesianLinear", "DeviceError", "derive_key", "kl_loss", "sample_weights", "sampling"]
+__all__ = ["BayesianLinear", "DeviceError", "StaleKLError", "derive_key", "kl_loss", "sample_weights", "sampling"]
 
 _ESTIMATORS = ("reparam", "local", "flipout")
 _KL_MODES = ("mc", "analytic")
@@ -55,6 +55,21 @@ _LOCAL_KEY_SALT = 0x5DEECE66D
 
 class DeviceError(TypeError, ValueError):
     """A tensor is not on the CPU (vigrad's core runs on CPU memory); both a TypeError and a ValueError."""
+
+
+class StaleKLError(RuntimeError):
+    """:func:`kl_loss` was called when a layer holds no KL term of the current step: before any
+    sampled forward, or after a backward pass has consumed the forward that produced it."""
+
+
+class _KLRecord:
+    """One sampled forward's KL term; ``consumed`` turns True when a backward pass runs through that
+    forward (its graph is then freed, or at least already used for this step's gradients)."""
+
+    __slots__ = ("consumed",)
+
+    def __init__(self):
+        self.consumed = False
 
 
 # -- tensor <-> core plumbing ------------------------------------------------------------------
@@ -254,6 +269,7 @@ class _Spec(NamedTuple):
     in_features: int
     out_features: int
     buffers: dict  # the module's backward work arrays (A, B / C), reused between steps
+    record: _KLRecord  # marked consumed by the backward pass
 
 
 def _work(spec, name, n, dtype):
@@ -318,6 +334,7 @@ class _LinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_kl):
+        ctx.spec.record.consumed = True
         create_graph = torch.is_grad_enabled()
         with torch.no_grad():
             grads = _LinearFn._backward(ctx, grad_y, grad_kl)
@@ -470,6 +487,7 @@ class BayesianLinear(nn.Module):
         self.sampling: Optional[bool] = None
         self.last_kl: Optional[torch.Tensor] = None
         self.last_key: Optional[int] = None
+        self._kl_record: Optional[_KLRecord] = None
         self.reset_parameters()
 
     @property
@@ -480,7 +498,7 @@ class BayesianLinear(nn.Module):
         # copy.deepcopy / pickle: drop the last KL term, which holds a piece of the autograd graph
         # (non-leaf tensors cannot be deep-copied); the copy starts as if no forward had run
         state = super().__getstate__()
-        state["last_kl"] = None
+        state["last_kl"] = state["_kl_record"] = None
         return state
 
     @property
@@ -496,7 +514,7 @@ class BayesianLinear(nn.Module):
             self.loc.copy_(torch.empty(self.num_params, dtype=torch.float64).uniform_(-bound, bound, generator=gen))
             self.rho.fill_(self.init_rho)
             self.noise_step.zero_()
-        self.last_kl = self.last_key = None
+        self.last_kl = self.last_key = self._kl_record = None
 
     # views of the flat parameters
     def _split(self, flat):
@@ -565,27 +583,70 @@ class BayesianLinear(nn.Module):
         normal = isinstance(self.prior, Normal)
         kernel = _core.bbb_grad_normal if normal else _core.bbb_grad_mixture
         noise_kernel = _core.bbb_noise_kl_normal if normal else _core.bbb_noise_kl_mixture
+        record = _KLRecord()
         spec = _Spec(self.estimator, self.kl, key, kernel, noise_kernel,
                      _prior_flat(self.prior, np_dtype, (self.num_params,)), self.workers, self.in_features,
-                     self.out_features, self._work_buffers)
+                     self.out_features, self._work_buffers, record)
         y, kl = _LinearFn.apply(x2, self.loc, self.rho, spec)
-        self.last_kl, self.last_key = kl, key
+        self.last_kl, self.last_key, self._kl_record = kl, key, record
         return y.reshape(*lead, self.out_features)
 
 
-def _layers(model):
+def _named_layers(model):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return [m for m in model.modules() if isinstance(m, BayesianLinear)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, BayesianLinear)]
+
+
+def _layers(model):
+    return [m for _, m in _named_layers(model)]
 
 
 def kl_loss(model) -> torch.Tensor:
-    """The sum of the KL terms (``last_kl``) of every vigrad layer in ``model``: a 0-d tensor in
-    the autograd graph; a zero tensor when no layer has run a sampled forward."""
+    """The sum of the KL terms of every vigrad layer in ``model``, from this step's forward.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Returns
+    -------
+    0-d Tensor in the autograd graph: the sum of each layer's ``last_kl`` (a zero tensor when the
+    model holds no vigrad layer, whose KL is then zero).
+
+    Raises
+    ------
+    StaleKLError
+        When a layer holds no KL term of the current step: it has run no sampled forward yet, or a
+        backward pass has already consumed the forward that produced its KL.  Call ``kl_loss``
+        after the forward of this step and before its backward:
+        ``loss = nll(model(x), y) + kl_loss(model) / M``.  (The old behaviour, a zero on the first
+        step and an old graph's tensor afterwards, silently dropped the KL or failed in torch.)
+
+    Examples
+    --------
+    >>> import torch, vigrad.torch as vgt
+    >>> layer = vgt.BayesianLinear(3, 2, seed=0)
+    >>> loss = layer(torch.ones(4, 3)).sum() + vgt.kl_loss(layer)   # after the forward: fine
+    >>> loss.backward()
+    >>> try:                                                         # that forward is used up
+    ...     vgt.kl_loss(layer)
+    ... except vgt.StaleKLError as e:
+    ...     print("call kl_loss after this step's forward" in str(e))
+    True
+    """
     total = None
-    for m in _layers(model):
-        if m.last_kl is not None:
-            total = m.last_kl if total is None else total + m.last_kl
+    for name, m in _named_layers(model):
+        rec = m._kl_record
+        where = f"layer {name or '<model>'} ({type(m).__name__})"
+        if m.last_kl is None or rec is None:
+            raise StaleKLError(f"kl_loss(model): {where} has run no sampled forward yet, so there is no KL term; "
+                               f"call kl_loss after this step's forward (loss = nll(model(x), y) + kl_loss(model))")
+        if rec.consumed:
+            raise StaleKLError(f"kl_loss(model): {where} holds the KL of a forward whose graph a backward pass has "
+                               f"already consumed; call kl_loss after this step's forward "
+                               f"(loss = nll(model(x), y) + kl_loss(model)), before backward()")
+        total = m.last_kl if total is None else total + m.last_kl
     if total is None:
         p = next(model.parameters(), None)
         return torch.zeros((), dtype=p.dtype if p is not None and p.is_floating_point() else torch.get_default_dtype())
