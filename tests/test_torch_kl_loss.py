@@ -29,7 +29,7 @@ def conv_model(seed=0):
                                vgt.BayesianLinear(2 * 2 * 2, 3, init_rho=-2.0, seed=seed + 1, dtype=F64))
 
 
-MODELS = {"linear": (linear_model, (6, 4))}
+MODELS = {"linear": (linear_model, (6, 4)), "conv": (conv_model, (6, 1, 2, 2))}
 
 
 @pytest.fixture(params=sorted(MODELS))
@@ -66,7 +66,7 @@ def test_after_backward_raises_and_the_next_forward_is_fresh(model_and_input):
     for step in range(3):
         out = model(x)
         kl = vgt.kl_loss(model)  # the right order: after this step's forward
-        expected = sum(m.last_kl for m in model if isinstance(m, vgt.BayesianLinear))
+        expected = sum(m.last_kl for m in model if isinstance(m, (vgt.BayesianLinear, vgt.BayesianConv2d)))
         assert torch.equal(kl.detach(), expected.detach()) and kl.requires_grad
         (nll(out, y) + kl / 10).backward()
         with pytest.raises(vgt.StaleKLError, match=r"layer 0 .*already consumed.*before backward"):
