@@ -526,15 +526,6 @@ def test_double_backward_is_refused_clearly():
 
 
 # -- training --------------------------------------------------------------------------------------
-@pytest.fixture
-def one_torch_thread():
-    """Tiny matrix products: one thread is fastest, and spares the shared machine's other cores."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_short_training_run_on_the_digits_learns(estimator, tmp_path, one_torch_thread):
     ex = load_example("torch_bbb_digits")

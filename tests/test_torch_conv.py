@@ -336,14 +336,7 @@ def test_double_backward_is_refused_clearly():
         gx.sum().backward()
 
 
-# -- a Bayesian CNN on the digits ----------------------------------------------------------------------
-@pytest.fixture
-def one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
+# -- a Bayesian CNN on the digits (one_torch_thread: tests/conftest.py) --------------------------------
 
 def digits_cnn(estimator, seed):
     return torch.nn.Sequential(
