@@ -106,6 +106,18 @@ def reliability(p, y, num_bins=10):
 
 
 def main(fast=False, outdir=None):
+    # one PyTorch thread: a 64-128-10 network's operations are too small to gain from two, and on
+    # a machine where other work holds the cores PyTorch's OpenMP threads, spinning between
+    # operations, make a step up to 100x slower (vigrad.torch's notes on threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _main(fast, outdir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(fast, outdir):
     epochs = 8 if fast else 40
     lr = 1e-2 if fast else 3e-3
     estimators = ["reparam"] if fast else ["reparam", "local", "flipout"]

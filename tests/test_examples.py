@@ -12,7 +12,7 @@ Tolerances (all with the scripts' fixed seeds, so the outcomes are deterministic
 * Monte Carlo estimates: within 4 standard errors of the exact value (5 for the variances of the
   gradient estimators, whose standard errors are themselves estimated from heavy-tailed samples).
 * score > score + baseline > pathwise: each gap at least 5 SE of the difference (the fast run
-  gives >= 9.7 SE at S = 4 and more at S = 16 and 64, with 4000 replicates per cell).
+  gives >= 11.1 SE at S = 4 and more at S = 16 and 64, with 3000 replicates per cell at q = N(0, 1)).
 * stochastic fits: the seed example's Polyak averages within 0.04 (mu) / 0.03 (sigma) of the
   optimum, about 5 batch-means SE; reverse-KL modes |mean| within 0.2 of 2 and sd within 20 % of
   0.5; vg.fit's Gaussians within 3 % (mean field) / 6 % (full, low rank) in sd.

@@ -76,11 +76,19 @@ def test_lbfgs_solves_a_random_spd_quadratic(use_scipy):
     A = spd(d, 0, cond=1e3)
     b = np.random.default_rng(1).standard_normal(d)
     x_star = np.linalg.solve(A, b)
+    lam_min, lam_max = 1.0, 1e3
+    f_star = 0.5 * x_star @ A @ x_star - b @ x_star
+    # The smallest gradient a line search can still see: near x*, a step changes f by about
+    # |g|^2 / (2 lam_max), which must exceed the rounding of f, eps |f*|.  gtol sits 10x above
+    # that floor (7.5e-7 here), so no run depends on the last bits of the BLAS products.
+    floor = np.sqrt(2 * lam_max * np.finfo(float).eps * abs(f_star))
+    gtol = 10 * floor
     # ftol = 0: stop on the gradient alone (ftol would fix x only to ~sqrt(ftol))
     res = mapfit.lbfgs(lambda x: (0.5 * x @ A @ x - b @ x, A @ x - b), np.zeros(d), use_scipy=use_scipy,
-                       gtol=1e-10, ftol=0.0)
+                       gtol=gtol, ftol=0.0)
     assert res.converged, res.message
-    np.testing.assert_allclose(res.x, x_star, rtol=0, atol=1e-6 * np.abs(x_star).max())
+    # |x - x*| <= |A^-1| |g| <= sqrt(d) gtol / lam_min at the stop
+    np.testing.assert_allclose(res.x, x_star, rtol=0, atol=np.sqrt(d) * gtol / lam_min)
     assert res.x.shape == (d,) and res.x.dtype == np.float64
 
 

@@ -3,8 +3,8 @@
 #include <string>
 
 #include "pybind.hpp"
-#include "vigrad/bbb.hpp"
-#include "vigrad/priors.hpp"
+#include "vigrad/kernels.hpp"
+#include "vigrad/parallel.hpp"
 
 namespace vigrad::bind {
 
@@ -24,35 +24,6 @@ core::KLPart parse_kl(const std::string& s) {
   throw py::value_error("kl must be 'none', 'mc' or 'analytic', got '" + s + "'");
 }
 
-template <core::DataGrad DG, class Real, class Prior>
-double dispatch_kl(core::KLPart kp, std::uint64_t key, const Real* l, const Real* r, const Real* A, const Real* BC,
-                   std::int64_t D, const Prior& prior, double kw, Real* gl, Real* gr, bool acc, bool want_kl,
-                   double* work, bool* finite, int workers, const core::AdamTarget<Real>* adam) {
-  switch (kp) {
-    case core::KLPart::kNone:
-      return core::bbb_grad<DG, core::KLPart::kNone>(key, l, r, A, BC, D, prior, kw, gl, gr, acc, work, finite,
-                                                     workers, adam);
-    case core::KLPart::kMC:
-      if (!want_kl)
-        return core::bbb_grad<DG, core::KLPart::kMC, Real, Prior, false>(key, l, r, A, BC, D, prior, kw, gl, gr, acc,
-                                                                          work, finite, workers, adam);
-      return core::bbb_grad<DG, core::KLPart::kMC>(key, l, r, A, BC, D, prior, kw, gl, gr, acc, work, finite, workers,
-                                                   adam);
-    case core::KLPart::kAnalytic:
-      if constexpr (std::is_same_v<Prior, core::NormalPrior<Real, false>> ||
-                    std::is_same_v<Prior, core::NormalPrior<Real, true>>)
-      {
-        if (!want_kl)
-          return core::bbb_grad<DG, core::KLPart::kAnalytic, Real, Prior, false>(key, l, r, A, BC, D, prior, kw, gl,
-                                                                                  gr, acc, work, finite, workers, adam);
-        return core::bbb_grad<DG, core::KLPart::kAnalytic>(key, l, r, A, BC, D, prior, kw, gl, gr, acc, work,
-                                                           finite, workers, adam);
-      }
-      break;
-  }
-  throw std::logic_error("analytic KL needs a Normal prior");
-}
-
 // The output arrays: given (both or neither; (D,), writeable, not overlapping an input or each
 // other), allocated here, or (with a fused Adam step and none given) not formed.
 template <class Real>
@@ -66,7 +37,7 @@ struct GradOut {
 
 // The fused Adam step's arrays and constants, checked; loc and rho are updated in place.
 template <class Real>
-core::AdamTarget<Real> adam_target(const GradOut<Real>& out, const carray<Real>& loc, const carray<Real>& rho,
+core::AdamArgs<Real> adam_target(const GradOut<Real>& out, const carray<Real>& loc, const carray<Real>& rho,
                                    const carray<Real>& A, const std::optional<carray<Real>>& BC) {
   if (out.adam_state.has_value() != out.adam.has_value())
     throw py::value_error("adam_state and adam must be given together");
@@ -125,15 +96,16 @@ core::AdamTarget<Real> adam_target(const GradOut<Real>& out, const carray<Real>&
   if (!(std::isfinite(h[3]) && h[3] > 0.0))
     throw py::value_error("adam eps must be finite and > 0, got " + std::to_string(h[3]));
   carray<Real> lw = loc, rw = rho;  // handles, for mutable_data
-  const core::AdamStep<Real> hyper(step, h[0], h[1], h[2], h[3]);
-  return core::AdamTarget<Real>{lw.mutable_data(), rw.mutable_data(), st[0].mutable_data(), st[1].mutable_data(),
-                                st[2].mutable_data(), st[3].mutable_data(), hyper};
+  return core::AdamArgs<Real>{lw.mutable_data(),    rw.mutable_data(),    st[0].mutable_data(),
+                              st[1].mutable_data(), st[2].mutable_data(), st[3].mutable_data(),
+                              step,                 h[0],                 h[1],
+                              h[2],                 h[3]};
 }
 
-template <class Real, class Prior>
+template <class Real>
 py::tuple run_grad(const std::string& data, const std::string& kl, std::uint64_t key, const carray<Real>& loc,
                    const carray<Real>& rho, const carray<Real>& A, const std::optional<carray<Real>>& BC,
-                   const Prior& prior, double kw, int workers, const GradOut<Real>& out) {
+                   const core::PriorArgs<Real>& prior, double kw, int workers, const GradOut<Real>& out) {
   const std::int64_t D = loc.shape(0);
   const core::DataGrad dg = parse_data(data);
   const core::KLPart kp = parse_kl(kl);
@@ -161,41 +133,29 @@ py::tuple run_grad(const std::string& data, const std::string& kl, std::uint64_t
     gl = carray<Real>(D);
     gr = carray<Real>(D);
   }
-  std::optional<core::AdamTarget<Real>> adam;
+  std::optional<core::AdamArgs<Real>> adam;
   if (out.adam || out.adam_state) adam = adam_target(out, loc, rho, A, BC);
   std::vector<double> work(static_cast<std::size_t>(core::num_blocks(D)));
   const Real *l = loc.data(), *r = rho.data(), *a = A.data(), *bc = BC ? BC->data() : nullptr;
   const bool have_out = out.loc || !adam;
   Real *glp = have_out ? gl.mutable_data() : nullptr, *grp = have_out ? gr.mutable_data() : nullptr;
-  const core::AdamTarget<Real>* adam_p = adam ? &*adam : nullptr;
+  const core::AdamArgs<Real>* adam_p = adam ? &*adam : nullptr;
   bool finite = true;
   double klv = 0.0;
   {
     py::gil_scoped_release release;
-    auto go = [&](auto dg_c) {
-      return dispatch_kl<decltype(dg_c)::value>(kp, key, l, r, a, bc, D, prior, kw, glp, grp, out.accumulate,
-                                                out.want_kl, work.data(), &finite, workers, adam_p);
-    };
-    switch (dg) {
-      case core::DataGrad::kReparam:
-        klv = go(std::integral_constant<core::DataGrad, core::DataGrad::kReparam>{});
-        break;
-      case core::DataGrad::kTimesEps:
-        klv = go(std::integral_constant<core::DataGrad, core::DataGrad::kTimesEps>{});
-        break;
-      case core::DataGrad::kDirect:
-        klv = go(std::integral_constant<core::DataGrad, core::DataGrad::kDirect>{});
-        break;
-    }
+    klv = core::kernels<Real>().bbb_grad(dg, kp, out.want_kl, prior, key, l, r, a, bc, D, kw, glp, grp, out.accumulate,
+                                         work.data(), &finite, workers, adam_p);
   }
   if (!have_out) return py::make_tuple(py::none(), py::none(), klv, finite);
   return py::make_tuple(gl, gr, klv, finite);
 }
 
 // bbb_noise_kl: the run-time use / kl strings to template arguments.
-template <class Real, class Prior>
+template <class Real>
 double run_noise_kl(const std::string& use, const std::string& kl, std::uint64_t key, const carray<Real>& loc,
-                    const carray<Real>& rho, std::optional<carray<Real>>& out, const Prior& prior, int workers) {
+                    const carray<Real>& rho, std::optional<carray<Real>>& out, const core::PriorArgs<Real>& prior,
+                    int workers) {
   require_ndim(loc, 1, "loc");
   const std::int64_t D = loc.shape(0);
   require_shape(rho, {D}, "rho", "(D,) like loc");
@@ -213,35 +173,11 @@ double run_noise_kl(const std::string& use, const std::string& kl, std::uint64_t
     if (overlaps(*out, loc) || overlaps(*out, rho)) throw py::value_error("out must not overlap loc or rho");
     o = out->mutable_data();
   }
-  constexpr bool normal = std::is_same_v<Prior, core::NormalPrior<Real, false>> ||
-                          std::is_same_v<Prior, core::NormalPrior<Real, true>>;
-  if (kp == core::KLPart::kAnalytic && !normal) throw py::value_error("kl='analytic' needs a Normal prior; use 'mc'");
+  if (kp == core::KLPart::kAnalytic && prior.kind != core::PriorKind::kNormal) throw py::value_error("kl='analytic' needs a Normal prior; use 'mc'");
   std::vector<double> work(static_cast<std::size_t>(core::num_blocks(D)));
   const Real *l = loc.data(), *r = rho.data();
   py::gil_scoped_release release;
-  auto run = [&](auto use_c) -> double {
-    constexpr core::NoiseUse U = decltype(use_c)::value;
-    switch (kp) {
-      case core::KLPart::kNone:
-        return core::bbb_noise_kl<U, core::KLPart::kNone>(key, l, r, D, prior, o, work.data(), workers);
-      case core::KLPart::kMC:
-        return core::bbb_noise_kl<U, core::KLPart::kMC>(key, l, r, D, prior, o, work.data(), workers);
-      case core::KLPart::kAnalytic:
-        if constexpr (normal)
-          return core::bbb_noise_kl<U, core::KLPart::kAnalytic>(key, l, r, D, prior, o, work.data(), workers);
-        break;
-    }
-    return 0.0;
-  };
-  switch (u) {
-    case core::NoiseUse::kWeights:
-      return run(std::integral_constant<core::NoiseUse, core::NoiseUse::kWeights>{});
-    case core::NoiseUse::kPerturbation:
-      return run(std::integral_constant<core::NoiseUse, core::NoiseUse::kPerturbation>{});
-    case core::NoiseUse::kNone:
-      break;
-  }
-  return run(std::integral_constant<core::NoiseUse, core::NoiseUse::kNone>{});
+  return core::kernels<Real>().bbb_noise_kl(u, kp, prior, key, l, r, D, o, work.data(), workers);
 }
 
 template <class Real>
@@ -275,12 +211,10 @@ void def_bbb(py::module_& m) {
           throw py::value_error("use must be 'weights' or 'perturbation', got '" + use + "'");
         const Real *l = loc.data(), *r = rho.data();
         Real* o = out.mutable_data();
+        const core::NoiseUse u = weights ? core::NoiseUse::kWeights : core::NoiseUse::kPerturbation;
         py::gil_scoped_release release;
-        using Flat = core::FlatPrior<Real>;
-        if (weights) core::bbb_noise_kl<core::NoiseUse::kWeights, core::KLPart::kNone>(key, l, r, D, Flat{}, o,
-                                                                                        nullptr, workers);
-        else core::bbb_noise_kl<core::NoiseUse::kPerturbation, core::KLPart::kNone>(key, l, r, D, Flat{}, o, nullptr,
-                                                                                    workers);
+        core::kernels<Real>().bbb_noise_kl(u, core::KLPart::kNone, flat_prior<Real>(), key, l, r, D, o, nullptr,
+                                           workers);
       },
       py::arg("use"), py::arg("key"), py::arg("loc").noconvert(), py::arg("rho").noconvert(),
       py::arg("out").noconvert(), py::arg("workers"),
@@ -291,13 +225,7 @@ void def_bbb(py::module_& m) {
          std::optional<carray<Real>> out, carray<Real> pm, carray<Real> ps, int workers) {
         require_ndim(loc, 1, "loc");
         const std::int64_t D = loc.shape(0);
-        const bool am = param_is_array(pm, D, "prior loc");
-        if (am != param_is_array(ps, D, "prior scale"))
-          throw py::value_error("prior loc and prior scale must both have size 1 or both size D");
-        using PA = core::NormalPrior<Real, true>;
-        using PS = core::NormalPrior<Real, false>;
-        if (am) return run_noise_kl(use, kl, key, loc, rho, out, PA(pm.data(), ps.data()), workers);
-        return run_noise_kl(use, kl, key, loc, rho, out, PS(pm.data(), ps.data()), workers);
+        return run_noise_kl(use, kl, key, loc, rho, out, normal_prior(pm, ps, D), workers);
       },
       py::arg("use"), py::arg("kl"), py::arg("key"), py::arg("loc").noconvert(), py::arg("rho").noconvert(),
       py::arg("out").noconvert(), py::arg("prior_loc").noconvert(), py::arg("prior_scale").noconvert(),
@@ -310,13 +238,7 @@ void def_bbb(py::module_& m) {
          std::optional<carray<Real>> out, carray<Real> pi, carray<Real> s1, carray<Real> s2, int workers) {
         require_ndim(loc, 1, "loc");
         const std::int64_t D = loc.shape(0);
-        const bool a = param_is_array(pi, D, "pi");
-        if (param_is_array(s1, D, "sigma1") != a || param_is_array(s2, D, "sigma2") != a)
-          throw py::value_error("pi, sigma1 and sigma2 must all have size 1 or all size D");
-        using PA = core::MixturePrior<Real, true>;
-        using PS = core::MixturePrior<Real, false>;
-        if (a) return run_noise_kl(use, kl, key, loc, rho, out, PA(pi.data(), s1.data(), s2.data()), workers);
-        return run_noise_kl(use, kl, key, loc, rho, out, PS(pi.data(), s1.data(), s2.data()), workers);
+        return run_noise_kl(use, kl, key, loc, rho, out, mixture_prior(pi, s1, s2, D), workers);
       },
       py::arg("use"), py::arg("kl"), py::arg("key"), py::arg("loc").noconvert(), py::arg("rho").noconvert(),
       py::arg("out").noconvert(), py::arg("pi").noconvert(), py::arg("sigma1").noconvert(),
@@ -332,14 +254,9 @@ void def_bbb(py::module_& m) {
         check_lr(loc, rho, A);
         check_workers(workers);
         const std::int64_t D = loc.shape(0);
-        const bool am = param_is_array(pm, D, "prior loc");
-        if (am != param_is_array(ps, D, "prior scale"))
-          throw py::value_error("prior loc and prior scale must both have size 1 or both size D");
+        const core::PriorArgs<Real> prior = normal_prior(pm, ps, D);
         const GradOut<Real> out{out_loc, out_rho, accumulate, compute_kl, adam_state, adam};
-        using PA = core::NormalPrior<Real, true>;
-        using PS = core::NormalPrior<Real, false>;
-        if (am) return run_grad(data, kl, key, loc, rho, A, BC, PA(pm.data(), ps.data()), kw, workers, out);
-        return run_grad(data, kl, key, loc, rho, A, BC, PS(pm.data(), ps.data()), kw, workers, out);
+        return run_grad(data, kl, key, loc, rho, A, BC, prior, kw, workers, out);
       },
       py::arg("data"), py::arg("kl"), py::arg("key"), py::arg("loc").noconvert(), py::arg("rho").noconvert(),
       py::arg("A").noconvert(), py::arg("B_or_C").noconvert(), py::arg("prior_loc").noconvert(),
@@ -359,14 +276,9 @@ void def_bbb(py::module_& m) {
         check_workers(workers);
         if (kl == "analytic") throw py::value_error("kl='analytic' needs a Normal prior; use 'mc'");
         const std::int64_t D = loc.shape(0);
-        const bool a = param_is_array(pi, D, "pi");
-        if (param_is_array(s1, D, "sigma1") != a || param_is_array(s2, D, "sigma2") != a)
-          throw py::value_error("pi, sigma1 and sigma2 must all have size 1 or all size D");
+        const core::PriorArgs<Real> prior = mixture_prior(pi, s1, s2, D);
         const GradOut<Real> out{out_loc, out_rho, accumulate, compute_kl, adam_state, adam};
-        using PA = core::MixturePrior<Real, true>;
-        using PS = core::MixturePrior<Real, false>;
-        if (a) return run_grad(data, kl, key, loc, rho, A, BC, PA(pi.data(), s1.data(), s2.data()), kw, workers, out);
-        return run_grad(data, kl, key, loc, rho, A, BC, PS(pi.data(), s1.data(), s2.data()), kw, workers, out);
+        return run_grad(data, kl, key, loc, rho, A, BC, prior, kw, workers, out);
       },
       py::arg("data"), py::arg("kl"), py::arg("key"), py::arg("loc").noconvert(), py::arg("rho").noconvert(),
       py::arg("A").noconvert(), py::arg("B_or_C").noconvert(), py::arg("pi").noconvert(), py::arg("sigma1").noconvert(),
@@ -389,7 +301,7 @@ void def_bbb(py::module_& m) {
         Real *pp = p.mutable_data(), *mp = mm.mutable_data(), *vp = v.mutable_data();
         const Real* gp = g.data();
         py::gil_scoped_release release;
-        core::adam_update(pp, gp, mp, vp, n, step, lr, b1, b2, eps, workers);
+        core::kernels<Real>().adam_update(pp, gp, mp, vp, n, step, lr, b1, b2, eps, workers);
       },
       py::arg("params").noconvert(), py::arg("grads").noconvert(), py::arg("m").noconvert(), py::arg("v").noconvert(),
       py::arg("step"), py::arg("lr"), py::arg("b1"), py::arg("b2"), py::arg("eps"), py::arg("workers"),

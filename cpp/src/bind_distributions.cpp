@@ -2,9 +2,8 @@
 #include <optional>
 
 #include "pybind.hpp"
-#include "vigrad/gradients.hpp"
-#include "vigrad/meanfield.hpp"
-#include "vigrad/priors.hpp"
+#include "vigrad/kernels.hpp"
+#include "vigrad/parallel.hpp"
 
 namespace vigrad::bind {
 
@@ -19,32 +18,13 @@ carray<Real> run_transform(core::Transform t, carray<Real> x, int workers) {
   Real* yp = y.mutable_data();
   {
     py::gil_scoped_release release;
-    core::transform<Real>(t, xp, n, yp, workers);
+    core::kernels<Real>().transform(t, xp, n, yp, workers);
   }
   return y;
 }
 
-// Calls f(prior) with the scalar- or array-parameter form of the Normal prior.
-template <class Real, class F>
-auto with_normal(const carray<Real>& m, const carray<Real>& s, std::int64_t D, F&& f) {
-  const bool am = param_is_array(m, D, "prior loc");
-  const bool as = param_is_array(s, D, "prior scale");
-  if (am != as) throw py::value_error("prior loc and prior scale must both have size 1 or both size D");
-  if (am) return f(core::NormalPrior<Real, true>(m.data(), s.data()));
-  return f(core::NormalPrior<Real, false>(m.data(), s.data()));
-}
-
-template <class Real, class F>
-auto with_mixture(const carray<Real>& pi, const carray<Real>& s1, const carray<Real>& s2, std::int64_t D, F&& f) {
-  const bool a = param_is_array(pi, D, "pi");
-  if (param_is_array(s1, D, "sigma1") != a || param_is_array(s2, D, "sigma2") != a)
-    throw py::value_error("pi, sigma1 and sigma2 must all have size 1 or all size D");
-  if (a) return f(core::MixturePrior<Real, true>(pi.data(), s1.data(), s2.data()));
-  return f(core::MixturePrior<Real, false>(pi.data(), s1.data(), s2.data()));
-}
-
-template <class Real, class Prior>
-carray<Real> log_prob_rows(const Prior& prior, const carray<Real>& w, int workers) {
+template <class Real>
+carray<Real> log_prob_rows(const core::PriorArgs<Real>& prior, const carray<Real>& w, int workers) {
   const std::int64_t S = w.shape(0), D = w.shape(1);
   carray<Real> out(S);
   std::vector<double> work(static_cast<std::size_t>(S * core::num_blocks(D)));
@@ -52,20 +32,20 @@ carray<Real> log_prob_rows(const Prior& prior, const carray<Real>& w, int worker
   Real* o = out.mutable_data();
   {
     py::gil_scoped_release release;
-    core::prior_log_prob<Real>(prior, wp, S, D, o, work.data(), workers);
+    core::kernels<Real>().prior_log_prob(prior, wp, S, D, o, work.data(), workers);
   }
   return out;
 }
 
-template <class Real, class Prior>
-carray<Real> grad_rows(const Prior& prior, const carray<Real>& w, int workers) {
+template <class Real>
+carray<Real> grad_rows(const core::PriorArgs<Real>& prior, const carray<Real>& w, int workers) {
   const std::int64_t S = w.shape(0), D = w.shape(1);
   carray<Real> out({S, D});
   const Real* wp = w.data();
   Real* o = out.mutable_data();
   {
     py::gil_scoped_release release;
-    core::prior_grad_log_prob<Real>(prior, wp, S, D, o, workers);
+    core::kernels<Real>().prior_grad_log_prob(prior, wp, S, D, o, workers);
   }
   return out;
 }
@@ -97,7 +77,7 @@ void def_dists(py::module_& m) {
         Real* o = out.mutable_data();
         {
           py::gil_scoped_release release;
-          core::mf_log_prob<Real>(l, sc, wp, S, D, o, work.data(), workers);
+          core::kernels<Real>().mf_log_prob(l, sc, wp, S, D, o, work.data(), workers);
         }
         return out;
       },
@@ -112,7 +92,7 @@ void def_dists(py::module_& m) {
         std::vector<double> work(static_cast<std::size_t>(core::num_blocks(D)));
         const Real* sc = scale.data();
         py::gil_scoped_release release;
-        return core::mf_entropy<Real>(sc, D, work.data(), workers);
+        return core::kernels<Real>().mf_entropy(sc, D, work.data(), workers);
       },
       py::arg("scale").noconvert(), py::arg("workers"), "Entropy of the mean-field Gaussian, summed over the event.");
 
@@ -121,8 +101,7 @@ void def_dists(py::module_& m) {
       [](carray<Real> w, carray<Real> loc, carray<Real> scale, int workers) {
         require_ndim(w, 2, "w");
         check_workers(workers);
-        return with_normal<Real>(loc, scale, w.shape(1),
-                                 [&](const auto& p) { return log_prob_rows<Real>(p, w, workers); });
+        return log_prob_rows<Real>(normal_prior(loc, scale, w.shape(1)), w, workers);
       },
       py::arg("w").noconvert(), py::arg("loc").noconvert(), py::arg("scale").noconvert(), py::arg("workers"),
       "log N(w | loc, scale^2) summed over each row of w (S, D).");
@@ -131,8 +110,7 @@ void def_dists(py::module_& m) {
       [](carray<Real> w, carray<Real> loc, carray<Real> scale, int workers) {
         require_ndim(w, 2, "w");
         check_workers(workers);
-        return with_normal<Real>(loc, scale, w.shape(1),
-                                 [&](const auto& p) { return grad_rows<Real>(p, w, workers); });
+        return grad_rows<Real>(normal_prior(loc, scale, w.shape(1)), w, workers);
       },
       py::arg("w").noconvert(), py::arg("loc").noconvert(), py::arg("scale").noconvert(), py::arg("workers"),
       "d log N(w | loc, scale^2) / dw, elementwise over (S, D).");
@@ -141,8 +119,7 @@ void def_dists(py::module_& m) {
       [](carray<Real> w, carray<Real> pi, carray<Real> s1, carray<Real> s2, int workers) {
         require_ndim(w, 2, "w");
         check_workers(workers);
-        return with_mixture<Real>(pi, s1, s2, w.shape(1),
-                                  [&](const auto& p) { return log_prob_rows<Real>(p, w, workers); });
+        return log_prob_rows<Real>(mixture_prior(pi, s1, s2, w.shape(1)), w, workers);
       },
       py::arg("w").noconvert(), py::arg("pi").noconvert(), py::arg("sigma1").noconvert(),
       py::arg("sigma2").noconvert(), py::arg("workers"),
@@ -152,8 +129,7 @@ void def_dists(py::module_& m) {
       [](carray<Real> w, carray<Real> pi, carray<Real> s1, carray<Real> s2, int workers) {
         require_ndim(w, 2, "w");
         check_workers(workers);
-        return with_mixture<Real>(pi, s1, s2, w.shape(1),
-                                  [&](const auto& p) { return grad_rows<Real>(p, w, workers); });
+        return grad_rows<Real>(mixture_prior(pi, s1, s2, w.shape(1)), w, workers);
       },
       py::arg("w").noconvert(), py::arg("pi").noconvert(), py::arg("sigma1").noconvert(),
       py::arg("sigma2").noconvert(), py::arg("workers"), "d log p / dw of the scale-mixture prior over (S, D).");
@@ -170,10 +146,12 @@ void def_dists(py::module_& m) {
         std::vector<double> work(static_cast<std::size_t>(core::num_blocks(D)));
         const Real *l = loc.data(), *r = rho.data();
         Real *glp = gl.mutable_data(), *grp = gr.mutable_data();
-        const double kl = with_normal<Real>(prior_loc, prior_scale, D, [&](const auto& p) {
+        const core::PriorArgs<Real> p = normal_prior(prior_loc, prior_scale, D);
+        double kl;
+        {
           py::gil_scoped_release release;
-          return core::kl_normal<Real>(l, r, D, p, kl_weight, glp, grp, work.data(), workers);
-        });
+          kl = core::kernels<Real>().kl_normal(p, l, r, D, kl_weight, glp, grp, work.data(), workers);
+        }
         return py::make_tuple(kl, gl, gr);
       },
       py::arg("loc").noconvert(), py::arg("rho").noconvert(), py::arg("prior_loc").noconvert(),

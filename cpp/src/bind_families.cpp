@@ -4,9 +4,9 @@
 #include <string>
 
 #include "pybind.hpp"
-#include "vigrad/families.hpp"
-#include "vigrad/gradients.hpp"
-#include "vigrad/priors.hpp"
+#include "vigrad/kernels.hpp"
+#include "vigrad/math.hpp"
+#include "vigrad/parallel.hpp"
 
 namespace vigrad::bind {
 
@@ -72,7 +72,7 @@ template <class Real>
 Factor make_factor(const Real* diag, const Real* UT, std::int64_t d, std::int64_t r, int workers) {
   Factor f{std::vector<double>(static_cast<std::size_t>(r * d)), std::vector<double>(static_cast<std::size_t>(r * r)), 0.0};
   std::vector<double> work(static_cast<std::size_t>(core::num_blocks(d) * r * r));
-  f.log_det = core::lowrank_factor(diag, UT, d, r, f.WT.data(), f.K.data(), work.data(), workers);
+  f.log_det = core::kernels<Real>().lowrank_factor(diag, UT, d, r, f.WT.data(), f.K.data(), work.data(), workers);
   return f;
 }
 
@@ -96,8 +96,9 @@ void def_families(py::module_& m) {
         Real* zp = z.mutable_data();
         py::gil_scoped_release release;
         const std::vector<Real> LT = transposed(Lp, d, d);
-        core::standard_normal<Real>(key, S, d, e, workers);
-        core::fullrank_affine(l, LT.data(), e, S, d, zp, workers);
+        const core::Kernels<Real>& k = core::kernels<Real>();
+        k.standard_normal(key, S, d, e, workers);
+        k.fullrank_affine(l, LT.data(), e, S, d, zp, workers);
       },
       py::arg("key"), py::arg("loc").noconvert(), py::arg("L").noconvert(), py::arg("z").noconvert(),
       py::arg("eps").noconvert(), py::arg("workers"),
@@ -117,7 +118,7 @@ void def_families(py::module_& m) {
         {
           py::gil_scoped_release release;
           const std::vector<Real> LT = transposed(Lp, d, d);
-          core::fullrank_affine(l, LT.data(), e, S, d, zp, workers);
+          core::kernels<Real>().fullrank_affine(l, LT.data(), e, S, d, zp, workers);
         }
         return z;
       },
@@ -139,7 +140,7 @@ void def_families(py::module_& m) {
           py::gil_scoped_release release;
           const std::vector<Real> LT = transposed(Lp, d, d);
           std::vector<Real> u(static_cast<std::size_t>(S * d));
-          core::fullrank_log_prob(l, Lp, LT.data(), zp, S, d, o, u.data(), workers);
+          core::kernels<Real>().fullrank_log_prob(l, Lp, LT.data(), zp, S, d, o, u.data(), workers);
         }
         return out;
       },
@@ -162,10 +163,7 @@ void def_families(py::module_& m) {
         {
           py::gil_scoped_release release;
           std::vector<Real> a(static_cast<std::size_t>(S * d));
-          if (md == core::KLMode::kMC)
-            core::fullrank_pathwise_grad<core::KLMode::kMC>(Lp, e, gp, S, d, glp, gLp, a.data(), workers);
-          else
-            core::fullrank_pathwise_grad<core::KLMode::kSTL>(Lp, e, gp, S, d, glp, gLp, a.data(), workers);
+          core::kernels<Real>().fullrank_pathwise_grad(md, Lp, e, gp, S, d, glp, gLp, a.data(), workers);
         }
         return py::make_tuple(gl, gL);
       },
@@ -191,8 +189,9 @@ void def_families(py::module_& m) {
         Real* zp = z.mutable_data();
         py::gil_scoped_release release;
         const std::vector<Real> UT = transposed(Up, d, r);
-        core::standard_normal<Real>(key, S, d + r, e, workers);
-        core::lowrank_affine(l, dg, UT.data(), e, S, d, r, zp, workers);
+        const core::Kernels<Real>& k = core::kernels<Real>();
+        k.standard_normal(key, S, d + r, e, workers);
+        k.lowrank_affine(l, dg, UT.data(), e, S, d, r, zp, workers);
       },
       py::arg("key"), py::arg("loc").noconvert(), py::arg("diag").noconvert(), py::arg("U").noconvert(),
       py::arg("z").noconvert(), py::arg("eps").noconvert(), py::arg("workers"),
@@ -212,7 +211,7 @@ void def_families(py::module_& m) {
         {
           py::gil_scoped_release release;
           const std::vector<Real> UT = transposed(Up, d, r);
-          core::lowrank_affine(l, dg, UT.data(), e, S, d, r, zp, workers);
+          core::kernels<Real>().lowrank_affine(l, dg, UT.data(), e, S, d, r, zp, workers);
         }
         return z;
       },
@@ -238,7 +237,8 @@ void def_families(py::module_& m) {
           log_det = f.log_det;
           if (std::isfinite(log_det)) {
             std::vector<Real> res(static_cast<std::size_t>(S * d));
-            core::lowrank_log_prob(l, dg, f.WT.data(), f.K.data(), f.log_det, zp, S, d, r, o, res.data(), workers);
+            core::kernels<Real>().lowrank_log_prob(l, dg, f.WT.data(), f.K.data(), f.log_det, zp, S, d, r, o, res.data(),
+                                                  workers);
           }
         }
         if (!std::isfinite(log_det)) throw py::value_error("the covariance diag^2 + U U^T is not positive definite");
@@ -285,12 +285,8 @@ void def_families(py::module_& m) {
           ok = std::isfinite(f.log_det);
           if (ok) {
             std::vector<Real> a(static_cast<std::size_t>(S * d));
-            if (md == core::KLMode::kMC)
-              core::lowrank_pathwise_grad<core::KLMode::kMC>(dg, UT.data(), f.WT.data(), f.K.data(), e, gp, S, d, r,
-                                                             glp, gdp, gUp, a.data(), workers);
-            else
-              core::lowrank_pathwise_grad<core::KLMode::kSTL>(dg, UT.data(), f.WT.data(), f.K.data(), e, gp, S, d, r,
-                                                              glp, gdp, gUp, a.data(), workers);
+            core::kernels<Real>().lowrank_pathwise_grad(md, dg, UT.data(), f.WT.data(), f.K.data(), e, gp, S, d, r,
+                                                        glp, gdp, gUp, a.data(), workers);
           }
         }
         if (!ok) throw py::value_error("the covariance diag^2 + U U^T is not positive definite");
@@ -316,13 +312,8 @@ void def_families(py::module_& m) {
         double kl;
         {
           py::gil_scoped_release release;
-          const core::FlatPrior<Real> prior;
-          if (md == core::KLMode::kMC)
-            kl = core::pathwise_grad<core::KLMode::kMC>(l, r, e, g, S, D, prior, kl_weight, glp, grp, work.data(),
-                                                        &finite, workers);
-          else
-            kl = core::pathwise_grad<core::KLMode::kSTL>(l, r, e, g, S, D, prior, kl_weight, glp, grp, work.data(),
-                                                         &finite, workers);
+          kl = core::kernels<Real>().pathwise_grad(md, flat_prior<Real>(), l, r, e, g, S, D, kl_weight, glp, grp,
+                                                   work.data(), &finite, workers);
         }
         return py::make_tuple(gl, gr, kl, finite);
       },

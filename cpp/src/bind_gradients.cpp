@@ -2,8 +2,8 @@
 #include <string>
 
 #include "pybind.hpp"
-#include "vigrad/gradients.hpp"
-#include "vigrad/priors.hpp"
+#include "vigrad/kernels.hpp"
+#include "vigrad/parallel.hpp"
 
 namespace vigrad::bind {
 
@@ -17,34 +17,20 @@ core::KLMode parse_mode(const std::string& mode, bool allow_analytic) {
                         ", got '" + mode + "'");
 }
 
-template <class Real, class Prior>
+template <class Real>
 py::tuple run_pathwise(core::KLMode mode, const carray<Real>& loc, const carray<Real>& rho, const carray<Real>& eps,
-                       const carray<Real>& glik, Dims d, const Prior& prior, double kl_weight, int workers) {
+                       const carray<Real>& glik, Dims d, const core::PriorArgs<Real>& prior, double kl_weight,
+                       int workers) {
   carray<Real> gl(d.D), gr(d.D);
   std::vector<double> work(static_cast<std::size_t>(core::num_blocks(d.D)));
   const Real *l = loc.data(), *r = rho.data(), *e = eps.data(), *g = glik.data();
   Real *glp = gl.mutable_data(), *grp = gr.mutable_data();
   bool finite = true;
-  double kl = 0.0;
+  double kl;
   {
     py::gil_scoped_release release;
-    switch (mode) {
-      case core::KLMode::kMC:
-        kl = core::pathwise_grad<core::KLMode::kMC>(l, r, e, g, d.S, d.D, prior, kl_weight, glp, grp, work.data(),
-                                                    &finite, workers);
-        break;
-      case core::KLMode::kSTL:
-        kl = core::pathwise_grad<core::KLMode::kSTL>(l, r, e, g, d.S, d.D, prior, kl_weight, glp, grp, work.data(),
-                                                     &finite, workers);
-        break;
-      case core::KLMode::kAnalytic:
-        if constexpr (std::is_same_v<Prior, core::NormalPrior<Real, true>> ||
-                      std::is_same_v<Prior, core::NormalPrior<Real, false>>) {
-          kl = core::pathwise_grad<core::KLMode::kAnalytic>(l, r, e, g, d.S, d.D, prior, kl_weight, glp, grp,
-                                                            work.data(), &finite, workers);
-        }
-        break;
-    }
+    kl = core::kernels<Real>().pathwise_grad(mode, prior, l, r, e, g, d.S, d.D, kl_weight, glp, grp, work.data(),
+                                             &finite, workers);
   }
   return py::make_tuple(gl, gr, kl, finite);
 }
@@ -58,14 +44,8 @@ void def_grads(py::module_& m) {
         const Dims d = check_pathwise(loc, rho, eps, glik);
         const core::KLMode md = parse_mode(mode, true);
         check_workers(workers);
-        const bool am = param_is_array(prior_loc, d.D, "prior loc");
-        if (am != param_is_array(prior_scale, d.D, "prior scale"))
-          throw py::value_error("prior loc and prior scale must both have size 1 or both size D");
-        if (am)
-          return run_pathwise(md, loc, rho, eps, glik, d,
-                              core::NormalPrior<Real, true>(prior_loc.data(), prior_scale.data()), kl_weight, workers);
-        return run_pathwise(md, loc, rho, eps, glik, d,
-                            core::NormalPrior<Real, false>(prior_loc.data(), prior_scale.data()), kl_weight, workers);
+        return run_pathwise(md, loc, rho, eps, glik, d, normal_prior(prior_loc, prior_scale, d.D), kl_weight,
+                            workers);
       },
       py::arg("loc").noconvert(), py::arg("rho").noconvert(), py::arg("eps").noconvert(),
       py::arg("grad_log_lik").noconvert(), py::arg("prior_loc").noconvert(), py::arg("prior_scale").noconvert(),
@@ -78,14 +58,7 @@ void def_grads(py::module_& m) {
         const Dims d = check_pathwise(loc, rho, eps, glik);
         const core::KLMode md = parse_mode(mode, false);
         check_workers(workers);
-        const bool a = param_is_array(pi, d.D, "pi");
-        if (param_is_array(s1, d.D, "sigma1") != a || param_is_array(s2, d.D, "sigma2") != a)
-          throw py::value_error("pi, sigma1 and sigma2 must all have size 1 or all size D");
-        if (a)
-          return run_pathwise(md, loc, rho, eps, glik, d,
-                              core::MixturePrior<Real, true>(pi.data(), s1.data(), s2.data()), kl_weight, workers);
-        return run_pathwise(md, loc, rho, eps, glik, d,
-                            core::MixturePrior<Real, false>(pi.data(), s1.data(), s2.data()), kl_weight, workers);
+        return run_pathwise(md, loc, rho, eps, glik, d, mixture_prior(pi, s1, s2, d.D), kl_weight, workers);
       },
       py::arg("loc").noconvert(), py::arg("rho").noconvert(), py::arg("eps").noconvert(),
       py::arg("grad_log_lik").noconvert(), py::arg("pi").noconvert(), py::arg("sigma1").noconvert(),
@@ -118,7 +91,8 @@ void def_grads(py::module_& m) {
         bool finite;
         {
           py::gil_scoped_release release;
-          finite = core::score_grad<Real>(l, r, e, fp, S, D, b, baseline_value, glp, grp, coef.data(), workers);
+          finite = core::kernels<Real>().score_grad(l, r, e, fp, S, D, b, baseline_value, glp, grp, coef.data(),
+                                                    workers);
         }
         return py::make_tuple(gl, gr, finite);
       },

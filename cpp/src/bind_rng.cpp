@@ -1,6 +1,6 @@
 // Bindings: Philox, standard normals, mean-field sampling.
 #include "pybind.hpp"
-#include "vigrad/meanfield.hpp"
+#include "vigrad/kernels.hpp"
 #include "vigrad/philox.hpp"
 
 namespace vigrad::bind {
@@ -17,7 +17,7 @@ void def_rng(py::module_& m) {
         const std::int64_t S = out.shape(0), D = out.shape(1);
         Real* o = out.mutable_data();
         py::gil_scoped_release release;
-        core::standard_normal<Real>(key, S, D, o, workers);
+        core::kernels<Real>().standard_normal(key, S, D, o, workers);
       },
       py::arg("key"), py::arg("out").noconvert(), py::arg("workers"),
       "Fill out (S, D) with the normal draws (key, s, j).");
@@ -41,7 +41,7 @@ void def_rng(py::module_& m) {
         const Real* sc = scale.data();
         Real* wp = w.mutable_data();
         py::gil_scoped_release release;
-        core::sample<Real>(key, l, sc, S, D, wp, e, workers);
+        core::kernels<Real>().sample(key, l, sc, S, D, wp, e, workers);
       },
       py::arg("key"), py::arg("loc").noconvert(), py::arg("scale").noconvert(), py::arg("w").noconvert(),
       py::arg("eps").noconvert(), py::arg("workers"),

@@ -1,4 +1,7 @@
 // vigrad._core: the compiled kernels.  One binding file per topic.
+#include <cstdlib>
+
+#include "dispatch.hpp"
 #include "pybind.hpp"
 #include "vigrad/config.hpp"
 #include "vigrad/parallel.hpp"
@@ -14,6 +17,10 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "vigrad's C++ kernels (header-only core in cpp/include/vigrad).";
+  // The kernel table first: no binding may run before it is set.  A bad VIGRAD_ISA fails the
+  // import with the reason (ImportError from pybind11's module init).
+  const vigrad::core::KernelTable& table = vigrad::core::select_table(std::getenv("VIGRAD_ISA"));
+  vigrad::core::active_table = &table;
   vigrad::bind::bind_rng(m);
   vigrad::bind::bind_distributions(m);
   vigrad::bind::bind_gradients(m);
@@ -31,7 +38,12 @@ PYBIND11_MODULE(_core, m) {
 #endif
   info["flags"] = VIGRAD_CXX_FLAGS;
   info["build_type"] = VIGRAD_BUILD_TYPE;
-  info["instruction_set"] = vigrad::core::instruction_set();
+  // "isa": the level the kernels run on; "isa_available": the levels built in, lowest first;
+  // "isa_supported": those this CPU runs; "instruction_set": what the running level was compiled for.
+  info["isa"] = table.level;
+  info["isa_available"] = vigrad::core::built_levels();
+  info["isa_supported"] = vigrad::core::supported_levels();
+  info["instruction_set"] = table.compiled_for;
   info["openmp"] = vigrad::core::built_with_openmp();
   info["libmvec"] = static_cast<bool>(VIGRAD_LIBMVEC);
 #ifdef VIGRAD_NATIVE_BUILD

@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "vigrad/kernels.hpp"
+
 namespace vigrad::bind {
 
 namespace py = pybind11;
@@ -59,6 +61,29 @@ inline bool param_is_array(const py::array& a, std::int64_t D, const char* name)
   if (a.shape(0) == D) return true;
   throw py::value_error(std::string(name) + " must have size 1 or " + std::to_string(D) + ", got " +
                         std::to_string(a.shape(0)));
+}
+
+// The priors as the kernels take them, their parameters checked against the event size D.
+template <class Real>
+core::PriorArgs<Real> normal_prior(const carray<Real>& loc, const carray<Real>& scale, std::int64_t D) {
+  const bool a = param_is_array(loc, D, "prior loc");
+  if (param_is_array(scale, D, "prior scale") != a)
+    throw py::value_error("prior loc and prior scale must both have size 1 or both size D");
+  return {core::PriorKind::kNormal, a, loc.data(), scale.data(), nullptr};
+}
+
+template <class Real>
+core::PriorArgs<Real> mixture_prior(const carray<Real>& pi, const carray<Real>& s1, const carray<Real>& s2,
+                                    std::int64_t D) {
+  const bool a = param_is_array(pi, D, "pi");
+  if (param_is_array(s1, D, "sigma1") != a || param_is_array(s2, D, "sigma2") != a)
+    throw py::value_error("pi, sigma1 and sigma2 must all have size 1 or all size D");
+  return {core::PriorKind::kMixture, a, pi.data(), s1.data(), s2.data()};
+}
+
+template <class Real>
+core::PriorArgs<Real> flat_prior() {
+  return {core::PriorKind::kFlat, false, nullptr, nullptr, nullptr};
 }
 
 struct Dims {

@@ -20,7 +20,11 @@ __version__ = "0.1.0"
 #: True when the core was built with OpenMP threads.
 has_openmp: bool = bool(_core.has_openmp)
 
-#: How the core was built: compiler, flags, instruction set compiled in, OpenMP, libmvec.
+#: How the core was built and which kernels run: compiler, flags, OpenMP, libmvec;
+#: ``"isa"``, the instruction-set level the kernels run on (chosen at import: the best of
+#: ``"isa_supported"``, or the one the environment variable ``VIGRAD_ISA`` names);
+#: ``"isa_available"``, the levels built in, lowest first; ``"instruction_set"``, the widest
+#: vector extension the running level was compiled for.
 build_info: dict = dict(_core.build_info)
 
 __all__ = [

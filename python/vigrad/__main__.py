@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 __all__ = ["main"]
@@ -38,16 +39,27 @@ def main(argv=None) -> int:
         print(json.dumps({"version": vg.__version__, "max_workers": vg.max_workers, **vg.build_info,
                           "blas_on_vigrad_threads": _blas.name()}, indent=2))
         return 0
-    if args.steps < 1 or args.samples < 1 or args.dim < 1 or not args.lr > 0:
-        parser.error("--steps, --samples and --dim must be >= 1 and --lr > 0")
+    # every argument is checked before any work starts
+    for name in ("steps", "samples", "dim", "epochs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if args.plot is not None:
+        if args.part == "seed":
+            parser.error("--plot draws the Bayes-by-Backprop regression: use it with --part bbb or all")
+        from .demo import matplotlib_pyplot
+
+        if matplotlib_pyplot() is None:
+            parser.error("--plot needs matplotlib, which is not installed (pip install matplotlib)")
     from .demo import run_bbb_demo, run_demo
 
     if args.part in ("all", "seed"):
         run_demo(steps=args.steps, samples=args.samples, lr=args.lr, dim=args.dim, seed=args.seed,
                  estimator=args.estimator, dtype=args.dtype, progress=not args.quiet)
     if args.part in ("all", "bbb"):
-        if args.epochs < 1:
-            parser.error("--epochs must be >= 1")
         run_bbb_demo(seed=args.seed, epochs=args.epochs, plot=args.plot, progress=not args.quiet)
     return 0
 

@@ -12,49 +12,57 @@ rather than stored.  Three estimators:
 - ``"flipout"`` (Wen et al. 2018): one perturbation shared by the minibatch, decorrelated per
   example by random sign flips of inputs and outputs.
 
+The layer's arithmetic, keys and noise are :mod:`vigrad._layer_ops`'s, shared with
+:class:`vigrad.torch.BayesianLinear`; this module gives it NumPy arrays and vigrad's gemm.
+
 :class:`BayesianMLP` stacks them with ReLU, a Gaussian (learned or fixed noise) or
 categorical likelihood, and trains by minibatch Adam on F_i = kl_weight_i KL - log P(D_i | w).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
+import secrets
 import sys
+import threading
 import time
+from collections.abc import Iterable
 from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 
 from . import _blas, _core
-from . import data as _data
-from . import optim as _optim
+from . import _layer_ops as _ops
+from . import _trainer
 from ._validation import as_float_array, check_finite, check_num_samples, check_real, resolve_rng, resolve_workers
 from .distributions import Normal, ScaleMixtureNormal
 
 __all__ = ["BayesianLinear", "BayesianMLP", "LayerGrads", "TrainingError"]
 
-_ESTIMATORS = ("reparam", "local", "flipout")
 _FORMAT = "vigrad.BayesianMLP"
 _FORMAT_VERSION = 1
 
+# one implementation of the layer for both front ends (see vigrad._layer_ops); the old names stay
+_Threads = _ops.Threads
+_derive_keys = _ops.derive_keys
+default_prior = _ops.default_prior
+
 
 def layer_workers(workers):
-    """Threads for a layer's fused elementwise passes and matrix products.  None means every core
-    when vigrad runs the matrix products on its own threads (:mod:`vigrad._blas`: NumPy's OpenBLAS
-    found), else one: NumPy's matmul then runs on OpenBLAS's pool, whose threads keep spinning
+    """The most threads a layer's fused elementwise passes and matrix products may use.  For None:
+    every core when vigrad runs the matrix products on its own threads (:mod:`vigrad._blas`: NumPy's
+    OpenBLAS found), and then :class:`_Threads` chooses between one thread and all of them by
+    measurement; else one: NumPy's matmul then runs on OpenBLAS's pool, whose threads keep spinning
     after each product, and an OpenMP team on the same cores waits for a core at every barrier
     (2 cores, 784-400-400-10, batch 128: 5.4 ms per step with one thread, 34 ms with two)."""
     if workers is None:
         return resolve_workers(None) if _blas.available() else 1
     return resolve_workers(workers)
-
-
-def default_prior():
-    """Blundell et al.'s scale mixture 0.5 N(0, 1) + 0.5 N(0, e^-12) (sigma2 = e^-6)."""
-    return ScaleMixtureNormal(0.5, 1.0, math.exp(-6))
 
 
 class LayerGrads(NamedTuple):
@@ -67,32 +75,71 @@ class LayerGrads(NamedTuple):
 
 
 class TrainingError(ValueError):
-    """Training stopped on a non-finite loss or gradient; the message names the layer and the step.
+    """Training stopped on a non-finite loss, gradient or validation output; the message names the
+    layer and the step.
 
-    A non-finite loss stops the step before any update.  A non-finite gradient is found while
-    the layers take their fused Adam steps (one sample, no clipping): the layers above the named
-    one have then taken theirs, and in the named layer every block of 1024 parameters whose
-    gradient is finite has too; no non-finite value is ever written into the parameters."""
+    The model is then rolled back: its parameters and optimiser state are those at the start of
+    the last step whose loss and gradient were finite (``restored_step``, one before the failed
+    ``step``; the state before the fit when its first step failed), bit for bit as an
+    uninterrupted fit that had stopped there, so that it predicts and trains again."""
 
-
-def _derive_keys(base: int, step: int, sample: int, n: int) -> List[int]:
-    """n 64-bit keys for (step, sample), a pure function of (base, step, sample): training
-    resumed at any step draws exactly the noise of an uninterrupted run."""
-    ctr = np.zeros((n, 4), dtype=np.uint32)
-    ctr[:, 0] = np.arange(n, dtype=np.uint32)
-    ctr[:, 1] = sample & 0xFFFFFFFF
-    ctr[:, 2] = step & 0xFFFFFFFF
-    ctr[:, 3] = (step >> 32) & 0xFFFFFFFF
-    out = _core.philox4x32_10(ctr, base).astype(np.uint64)
-    return [int(x) for x in (out[:, 0] | (out[:, 1] << np.uint64(32)))]
+    def __init__(self, message, step=None, restored_step=None):
+        super().__init__(message)
+        self.step = step
+        self.restored_step = restored_step
 
 
-def _prior_kernel(prior, dtype, D):
-    if isinstance(prior, Normal):
-        return _core.bbb_grad_normal, prior._flat_params(dtype, (D,))
-    if isinstance(prior, ScaleMixtureNormal):
-        return _core.bbb_grad_mixture, prior._flat_params(dtype, (D,))
-    raise TypeError(f"prior must be a vigrad Normal or ScaleMixtureNormal, got {type(prior).__name__}")
+def _write_atomically(path, write):
+    """Call ``write(fh)`` on a new file in the folder of ``path``, flush and fsync it, rename it
+    over ``path`` (os.replace, atomic on POSIX and Windows) and fsync the folder, so that a crash
+    at any moment leaves the old file or the new one.  The new file has the old one's
+    permissions (the umask's default for a new path)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = None
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as fh:
+            if mode is not None:
+                os.chmod(tmp, mode)
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        with contextlib.suppress(OSError):
+            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+
+def _finite_as(a, name, dtype, owner):
+    """The finite real array ``a`` as C-contiguous ``dtype``; a ValueError names the argument when
+    a value is not finite or lies beyond the range of ``dtype``."""
+    check_finite(a, name)
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(a, dtype=dtype)
+    if not np.isfinite(out).all():
+        raise ValueError(f"{name} has values beyond the range of the {owner}'s dtype {dtype}")
+    return out
+
+
+def _check_key(key) -> int:
+    if isinstance(key, (bool, np.bool_)) or not isinstance(key, numbers.Integral):
+        raise TypeError(f"key must be an int in [0, 2**64) or None, got {type(key).__name__} {key!r}")
+    if not 0 <= int(key) < 2**64:
+        raise ValueError(f"key must be in [0, 2**64), got {key}")
+    return int(key)
 
 
 class BayesianLinear:
@@ -113,8 +160,10 @@ class BayesianLinear:
     params : (loc, rho) views, optional
         Flat arrays of size in*out + out to use as parameter storage (BayesianMLP shares one buffer).
     workers : int or None
-        Threads for the fused elementwise passes and the matrix products; None means every core
-        when vigrad can run the products on its own threads, else 1 (see :func:`layer_workers`).
+        Threads for the fused elementwise passes and the matrix products.  None: one thread or
+        every core, whichever the layer measures faster for its forward and its backward calls,
+        re-measured as the machine's load changes (see :class:`vigrad._layer_ops.Threads`); one thread
+        when vigrad cannot run the products on its own threads (:func:`layer_workers`).
 
     Examples
     --------
@@ -131,16 +180,13 @@ class BayesianLinear:
                  init_rho=-7.0, rng=None, params=None, workers=None):
         self.in_features = check_num_samples(in_features, "in_features")
         self.out_features = check_num_samples(out_features, "out_features")
-        if not isinstance(estimator, str) or estimator not in _ESTIMATORS:
-            raise ValueError(f"estimator must be one of {', '.join(map(repr, _ESTIMATORS))}, got {estimator!r}")
-        self.estimator = estimator
-        self.prior = default_prior() if prior is None else prior
-        if not isinstance(self.prior, (Normal, ScaleMixtureNormal)):
-            raise TypeError(f"prior must be a vigrad Normal or ScaleMixtureNormal, got {type(self.prior).__name__}")
+        self.estimator = _ops.check_estimator(estimator)
+        self.prior = _ops.check_prior(default_prior() if prior is None else prior)
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
         self.workers = layer_workers(workers)
+        self._threads = {k: _Threads(self.workers, workers is None) for k in ("forward", "backward")}
         n = self.num_params
         if params is None:
             loc, rho = np.empty(n, self.dtype), np.empty(n, self.dtype)
@@ -155,17 +201,22 @@ class BayesianLinear:
         self.loc, self.rho = loc, rho
         self.key = int(gen.integers(0, 2**64, dtype=np.uint64))
         self._sign_rng = np.random.default_rng(gen.integers(0, 2**63))
-        self._cache = None
+        self._cache = None  # what the last training forward keeps for backward (an _ops.Saved)
         self._buffers = {}
-        self._kernel, self._prior_params = _prior_kernel(self.prior, self.dtype, n)
+        self._ops = _ops.LinearOps(self.in_features, self.out_features, self.estimator, self.prior, self.dtype)
 
     @property
     def num_params(self) -> int:
         return self.in_features * self.out_features + self.out_features
 
+    def __getstate__(self):
+        # copies start without the work buffers and the forward's cache
+        state = self.__dict__.copy()
+        state["_buffers"], state["_cache"] = {}, None
+        return state
+
     def _split(self, flat):
-        k = self.in_features * self.out_features
-        return flat[:k].reshape(self.out_features, self.in_features), flat[k:]
+        return _ops.split(flat, self.in_features, self.out_features)
 
     @property
     def weight_loc(self):
@@ -192,72 +243,55 @@ class BayesianLinear:
             buf = self._buffers[name] = np.empty(shape, self.dtype)
         return buf
 
-    def _mm(self, a, b, **kw):
-        return _blas.matmul(a, b, workers=self.workers, **kw)
+    def _products(self, workers):
+        """The layer's matrix products on ``workers`` threads, work arrays from its buffers."""
+        return _ops.NumpyProducts(workers, self.dtype, self._buffer)
 
     def forward(self, x, *, key=None, sample=True):
-        """Outputs (B, out) for inputs (B, in).  ``key`` fixes the noise (an int); None draws one.
-        With sample=False the mean weights are used (no noise, nothing cached for backward)."""
-        x = np.ascontiguousarray(x, dtype=self.dtype)
-        if x.ndim != 2 or x.shape[1] != self.in_features:
-            raise ValueError(f"x must have shape (batch, {self.in_features}), got {x.shape}")
-        M, mb = self._split(self.loc)
-        if not sample:
+        """Outputs (B, out) for inputs (B, in).  ``key`` fixes the noise (an int in [0, 2**64));
+        None draws one.  With sample=False the mean weights are used (no noise, nothing cached
+        for backward)."""
+        if not isinstance(sample, (bool, np.bool_)):
+            raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
+        if key is not None:
+            key = _check_key(key)
+        x = self._check_array(x, "x", (None, self.in_features), "(batch, in_features)")
+        if sample and key is None:
+            key = int(self._sign_rng.integers(0, 2**63))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, whatever errstate says
+            out = self._threads["forward"].run(lambda w: self._forward(x, key, sample, workers=w))
+        if not np.isfinite(out).all():
             self._cache = None
-            out = self._mm(x, M, trans_b=True)
-            out += mb
-            return out
-        key = int(self._sign_rng.integers(0, 2**63)) if key is None else int(key)
-        n = self.num_params
-        if self.estimator == "reparam":
-            w = self._buffer("w", (n,))
-            _core.bbb_noise("weights", key, self.loc, self.rho, w, self.workers)
-            W, b = self._split(w)
-            self._cache = (key, x, W)
-            out = self._mm(x, W, trans_b=True)
-            out += b
-            return out
-        if self.estimator == "flipout":
-            dw = self._buffer("w", (n,))
-            _core.bbb_noise("perturbation", key, self.loc, self.rho, dw, self.workers)
-            dW, db = self._split(dw)
-            signs = np.random.default_rng(key).integers(0, 2, size=(x.shape[0], self.in_features + self.out_features),
-                                                        dtype=np.int8)
-            signs = (2 * signs - 1).astype(self.dtype)
-            S, R = signs[:, :self.in_features], signs[:, self.in_features:]
-            xs = x * S
-            self._cache = (key, x, xs, S, R, dW, M)
-            pert = self._mm(xs, dW, trans_b=True)
-            pert += db
-            pert *= R
-            out = self._mm(x, M, trans_b=True)
-            out += mb
-            out += pert
-            return out
-        # local reparameterisation
-        var = _core.softplus(self.rho, self.workers)
-        var *= var
-        V, vb = self._split(var)
-        x2 = x * x
-        delta = self._mm(x2, V, trans_b=True)
-        delta += vb
-        std = np.sqrt(delta)
-        zeta = np.empty((1, x.shape[0] * self.out_features), self.dtype)
-        _core.standard_normal(key ^ 0x5DEECE66D, zeta, self.workers)
-        zeta = zeta.reshape(x.shape[0], self.out_features)
-        self._cache = (key, x, x2, V, std, zeta, M)
-        out = self._mm(x, M, trans_b=True)
-        out += mb
-        out += std * zeta
+            raise ValueError(f"the layer's output overflowed to a non-finite value although x and the parameters are "
+                             f"finite (largest |x| {float(np.abs(x).max(initial=0))}): scale the inputs down")
         return out
 
-    def _param_grad(self, G, x, name):
-        """[G^T x (flattened), column sums of G]: the gradient of sum(G * (x W^T + b)) in (W, b),
-        written into a persistent buffer."""
-        k = self.in_features * self.out_features
-        out = self._buffer(name, (self.num_params,))
-        self._mm(G, x, trans_a=True, out=out[:k].reshape(self.out_features, self.in_features))
-        np.sum(G, axis=0, out=out[k:])
+    def _check_array(self, a, name, shape, layout):
+        """A finite real array of the given shape (None: any length), as C-contiguous self.dtype."""
+        a = as_float_array(a, name)
+        if a.ndim != len(shape) or any(n is not None and n != k for n, k in zip(shape, a.shape)):
+            want = ", ".join("batch" if n is None else str(n) for n in shape)
+            raise ValueError(f"{name} must have shape {layout} = ({want}), got {a.shape}")
+        return _finite_as(a, name, self.dtype, "layer")
+
+    def _forward(self, x, key, sample=True, train=True, workers=None, row_offset=0):
+        """forward on checked arguments.  train=True keeps what backward needs (the layer's one
+        cache) and writes the sampled weights into the layer's persistent buffer; train=False
+        touches no state of the layer (fresh arrays, nothing cached), so that any number of
+        threads may predict with one layer at once.  workers: threads for this call (None: the
+        layer's).  row_offset: the position of x's first row in its minibatch (the per-example
+        noise of "local" and "flipout" is keyed by it)."""
+        nw = self.workers if workers is None else workers
+        p = self._products(nw)
+        if not sample:
+            if train:
+                self._cache = None
+            return self._ops.mean(p, x, self.loc)
+        noise_out = self._buffer("w", (self.num_params,)) if train else None
+        out, _, saved = self._ops.forward(p, key, x, self.loc, self.rho, noise_out=noise_out, row_offset=row_offset,
+                                          workers=nw)
+        if train:
+            self._cache = saved
         return out
 
     def backward(self, grad_out, *, kl_weight=1.0, kl="mc") -> LayerGrads:
@@ -267,63 +301,89 @@ class BayesianLinear:
         (``kl="mc"``: log q - log p at the sampled weights, any prior; ``"analytic"``: closed form,
         Normal prior; ``"none"``: the data term only), and the KL value.
         """
-        return self._backward(grad_out, kl_weight, kl)
+        kl_weight = check_real(kl_weight, "kl_weight", nonnegative=True)
+        _ops.check_kl(kl, self.prior, ("mc", "analytic", "none"))
+        if self._cache is None:
+            raise ValueError("backward needs a forward(x, sample=True) first")
+        G = self._check_array(grad_out, "grad_out", (self._cache.x.shape[0], self.out_features),
+                              "(batch, out_features)")
+        with np.errstate(over="ignore", invalid="ignore"):
+            res = self._threads["backward"].run(lambda w: self._backward(G, kl_weight, kl, workers=w))
+        if not (self._last_finite and np.isfinite(res.grad_x).all()):
+            raise ValueError("the gradient overflowed to a non-finite value although every input is finite "
+                             f"(largest |grad_out| {float(np.abs(G).max(initial=0))}, kl_weight {kl_weight})")
+        return res
 
     def _backward(self, grad_out, kl_weight, kl, out=None, accumulate=False, need_grad_x=True,
-                  adam=None) -> LayerGrads:
+                  adam=None, workers=None) -> LayerGrads:
         """backward, with the parameter gradients written to (or, with accumulate, added to) the
         arrays ``out = (grad_loc, grad_rho)``, and grad_x skipped (None) when not needed.  With
         ``adam = ((m_loc, v_loc, m_rho, v_rho), (step, lr, b1, b2, eps))`` the kernel also takes
-        the Adam step on loc and rho (the gradients are then None unless ``out`` is given)."""
-        if self._cache is None:
+        the Adam step on loc and rho (the gradients are then None unless ``out`` is given).
+        workers: threads for this call (None: the layer's)."""
+        nw = self.workers if workers is None else workers
+        saved = self._cache
+        if saved is None:
             raise ValueError("backward needs a forward(x, sample=True) first")
         G = np.ascontiguousarray(grad_out, dtype=self.dtype)
-        key, x = self._cache[0], self._cache[1]
-        if G.shape != (x.shape[0], self.out_features):
-            raise ValueError(f"grad_out must have shape {(x.shape[0], self.out_features)}, got {G.shape}")
-        A = self._param_grad(G, x, "A")
-        grad_x = None
-        if self.estimator == "reparam":
-            W = self._cache[2]
-            if need_grad_x:
-                grad_x = self._mm(G, W)
-            data, BC = "reparam", None
-        elif self.estimator == "flipout":
-            _, _, xs, S, R, dW, M = self._cache
-            GR = G * R
-            BC = self._param_grad(GR, xs, "B")
-            if need_grad_x:
-                grad_x = self._mm(GR, dW)
-                grad_x *= S
-                self._mm(G, M, out=grad_x, accumulate=True)
-            data = "times_eps"
-        else:
-            _, _, x2, V, std, zeta, M = self._cache
-            H = G * zeta / (2.0 * std)
-            BC = self._param_grad(H, x2, "B")
-            BC *= _core.softplus(self.rho, self.workers)
-            BC *= self.dtype.type(2)
-            if need_grad_x:
-                grad_x = self._mm(H, V)
-                grad_x *= x
-                grad_x *= self.dtype.type(2)
-                self._mm(G, M, out=grad_x, accumulate=True)
-            data = "direct"
+        if G.shape != (saved.x.shape[0], self.out_features):
+            raise ValueError(f"grad_out must have shape {(saved.x.shape[0], self.out_features)}, got {G.shape}")
+        grad_x, A, BC, data = self._ops.backward(self._products(nw), saved, G, need_x=need_grad_x)
         kw = {} if out is None else {"out_loc": out[0], "out_rho": out[1], "accumulate": accumulate}
         if adam is not None:  # the fused Adam step: (m_loc, v_loc, m_rho, v_rho), (step, lr, b1, b2, eps)
             kw["adam_state"], kw["adam"] = adam
-        gl, gr, klv, finite = self._kernel(data, kl, key, self.loc, self.rho, A, BC, *self._prior_params, kl_weight,
-                                           self.workers, **kw)
+        gl, gr, klv, finite = self._ops.param_grads(data, kl, saved.key, self.loc, self.rho, A, BC, kl_weight, nw,
+                                                    **kw)
         self._last_finite = finite
         if grad_x is not None:
             grad_x = grad_x.astype(self.dtype, copy=False)
         return LayerGrads(grad_x, gl, gr, float(klv))
 
 
-def _blundell_weights(M):
-    """pi_i = 2^(M - i) / (2^M - 1), i = 1..M, computed without overflow."""
-    i = np.arange(1, M + 1, dtype=np.float64)
-    return np.exp2(-i) / -np.expm1(-M * math.log(2.0))
+class _Guard:
+    """Who may use a model's parameters: one training thread, or any number of threads that only
+    read them (predictions, save).  Training waits for the reads in flight and then refuses new
+    ones from other threads: their result would mix the parameters of different steps."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._trainer = None
+        self._readers = 0
+
+    @contextlib.contextmanager
+    def training(self):
+        me = threading.get_ident()
+        with self._cond:
+            if self._trainer is not None:
+                raise RuntimeError("BayesianMLP.fit is already running on this model (in another thread, or "
+                                   "re-entered); train one model from one thread at a time, or train copies "
+                                   "(copy.deepcopy(model))")
+            self._trainer = me
+        try:  # (an interrupt while waiting must free the model too)
+            with self._cond:
+                self._cond.wait_for(lambda: self._readers == 0)
+            yield
+        finally:
+            with self._cond:
+                self._trainer = None
+
+    @contextlib.contextmanager
+    def reading(self, what):
+        me = threading.get_ident()
+        with self._cond:
+            if self._trainer is not None and self._trainer != me:
+                raise RuntimeError(f"BayesianMLP.{what} was called while fit is training this model in another "
+                                   f"thread: the parameters change at every step; call it after fit returns, "
+                                   f"or on a copy (copy.deepcopy(model))")
+            counted = self._trainer is None  # a read inside fit (its validation, its checkpoint) is fit's own
+            self._readers += counted
+        try:
+            yield
+        finally:
+            if counted:
+                with self._cond:
+                    self._readers -= 1
+                    self._cond.notify_all()
 
 
 class BayesianMLP:
@@ -352,10 +412,21 @@ class BayesianMLP:
     kl : {"mc", "analytic"}
         The KL term: Monte Carlo at the sampled weights (any prior) or closed form (Normal prior).
     workers : int or None
-        Threads for the fused elementwise passes and the matrix products; None means every core
-        when vigrad can run the products on its own threads (NumPy's OpenBLAS found), else 1,
-        because two thread pools on the same cores wait for each other (see
-        :func:`vigrad.bnn.layer_workers`).  Results are bit-identical for any value.
+        Threads for the fused elementwise passes and the matrix products.  None: one thread or
+        every core, whichever measures faster for this model's training steps (and, separately,
+        its predictions), re-measured as the load of the machine changes: on an idle machine
+        two threads are up to ~1.8x faster for a large network, on a machine where other work
+        holds the cores they can be ten times slower (see :class:`vigrad._layer_ops.Threads`).  One
+        thread when vigrad cannot run the products on its own threads (NumPy's OpenBLAS not
+        found, :func:`vigrad.bnn.layer_workers`).  Results are bit-identical for any value.
+
+    Notes
+    -----
+    Threads: any number of threads may call ``predict``, ``predict_proba``, ``sample_proba`` and
+    ``save`` on one model at once, with the bits of serial calls.  ``fit`` holds the model: a
+    second ``fit`` on it, or a prediction or save from another thread while it trains, raises a
+    RuntimeError (they would see the parameters of different steps).  ``copy.deepcopy(model)``
+    gives an independent model, to train copies in parallel.
 
     Examples
     --------
@@ -370,10 +441,13 @@ class BayesianMLP:
 
     def __init__(self, sizes, *, likelihood="gaussian", prior=None, estimator="reparam", num_samples=1,
                  dtype=np.float32, rng=None, noise_std=None, init_rho=-7.0, kl="mc", workers=None):
-        try:
-            sizes = [int(s) for s in sizes]
-        except (TypeError, ValueError):
-            raise TypeError(f"sizes must be a sequence of ints, got {sizes!r}") from None
+        if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
+            raise TypeError(f"sizes must be a sequence of ints, got {type(sizes).__name__} {sizes!r}")
+        sizes = list(sizes)
+        for k, n in enumerate(sizes):
+            if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
+                raise TypeError(f"sizes[{k}] must be an int, got {type(n).__name__} {n!r} (sizes = {sizes!r})")
+        sizes = [int(n) for n in sizes]
         if len(sizes) < 2:
             raise ValueError(f"sizes needs at least two layers (input and output), got {sizes}")
         if min(sizes) < 1:
@@ -382,11 +456,8 @@ class BayesianMLP:
             raise ValueError(f"likelihood must be 'gaussian' or 'categorical', got {likelihood!r}")
         if likelihood == "categorical" and sizes[-1] < 2:
             raise ValueError(f"a categorical likelihood needs >= 2 output classes, got sizes[-1] = {sizes[-1]}")
-        if kl not in ("mc", "analytic"):
-            raise ValueError(f"kl must be 'mc' or 'analytic', got {kl!r}")
         prior = default_prior() if prior is None else prior
-        if kl == "analytic" and not isinstance(prior, Normal):
-            raise ValueError("kl='analytic' needs a Normal prior (no closed form for the scale mixture)")
+        _ops.check_kl(kl, prior)
         self.sizes, self.likelihood, self.prior, self.kl = sizes, likelihood, prior, kl
         self.estimator = estimator
         self.num_samples = check_num_samples(num_samples, "num_samples")
@@ -396,6 +467,7 @@ class BayesianMLP:
         self.noise_std = None if noise_std is None else check_real(noise_std, "noise_std", positive=True)
         self.init_rho = float(init_rho)
         self.workers = layer_workers(workers)
+        self._threads = {k: _Threads(self.workers, workers is None) for k in ("step", "predict")}
         gen = resolve_rng(rng)
         self._base_key = int(gen.integers(0, 2**64, dtype=np.uint64))
         counts = [sizes[i] * sizes[i + 1] + sizes[i + 1] for i in range(len(sizes) - 1)]
@@ -414,8 +486,22 @@ class BayesianMLP:
                                               workers=self.workers))
             off += n
         self._learn_noise = learn_noise
-        self._opt_state = None  # (step, m, v) of the fused Adam
+        self._opt_state = None  # (step count, Adam m, Adam v), kept across fits and in checkpoints
         self.history: Dict[str, list] = {}
+        self._guard = _Guard()
+
+    def __getstate__(self):
+        # copy.deepcopy and pickle: the guard is per object; the layers' parameter views are
+        # re-pointed into the copy's flat vector by __setstate__
+        state = self.__dict__.copy()
+        del state["_guard"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._guard = _Guard()
+        for layer, (sl, sr) in zip(self.layers, self._param_slices):
+            layer.loc, layer.rho = self._theta[sl], self._theta[sr]
 
     # -- parameters -------------------------------------------------------------------------------
     @property
@@ -428,18 +514,27 @@ class BayesianMLP:
         """The Gaussian likelihood's noise sd (learned or fixed); None for categorical."""
         if self.likelihood != "gaussian":
             return None
-        return self.noise_std if not self._learn_noise else float(np.exp(self._theta[-1]))
+        if not self._learn_noise:
+            return self.noise_std
+        log_sigma = float(self._theta[-1])
+        return math.exp(log_sigma) if log_sigma < 709.0 else math.inf
 
     def __repr__(self):
         return (f"BayesianMLP({self.sizes}, likelihood={self.likelihood!r}, estimator={self.estimator!r}, "
                 f"num_samples={self.num_samples}, dtype={self.dtype})")
 
     # -- the network ---------------------------------------------------------------------------------
-    def _forward(self, x, keys=None, sample=True):
-        h = x
+    def _forward(self, x, keys=None, sample=True, train=True, workers=None, row_offset=0):
+        """The network's outputs and the ReLU masks; train=False changes no state of the layers
+        (safe from many threads at once).  row_offset: the position of x's first row in its
+        minibatch (see :meth:`_minibatch_gradient`)."""
+        h = np.ascontiguousarray(x, dtype=self.dtype)
         acts = []
         for i, layer in enumerate(self.layers):
-            h = layer.forward(h, key=None if keys is None else keys[i], sample=sample)
+            if keys is None:
+                h = layer.forward(h, sample=sample)
+            else:
+                h = layer._forward(h, keys[i], sample, train, workers, row_offset)
             if i + 1 < len(self.layers):
                 acts.append(h > 0)
                 h = np.maximum(h, 0)
@@ -456,38 +551,50 @@ class BayesianMLP:
             g[np.arange(len(y)), y] -= 1
             return nll, g.astype(self.dtype, copy=False), 0.0
         sigma = self.noise_scale
+        if not 0.0 < sigma < math.inf:  # a diverged learned scale: a non-finite loss, which the caller reports
+            return math.inf, None, 0.0
         r = (f - y) / sigma
         nll = float(0.5 * np.sum(r * r) + r.size * (math.log(sigma) + 0.5 * math.log(2 * math.pi)))
         g_log_sigma = float(r.size - np.sum(r * r)) if self._learn_noise else 0.0
         return nll, (r / sigma).astype(self.dtype, copy=False), g_log_sigma
 
-    def _step_grad(self, xb, yb, kl_weight, step, adam=None):
-        """Average over num_samples of the gradient of kl_weight KL + sum NLL; fills self._grad.
-        The layers write their gradients straight into self._grad's slices.  With ``adam =
-        (m, v, (step, lr, b1, b2, eps))`` (one sample only) each layer's kernel takes the Adam
-        step on its parameters instead, while the gradient is in cache; only the learned noise
-        scale's gradient, if any, is left in self._grad[-1]."""
+    def _minibatch_gradient(self, xb, yb, kl_weight, step, *, row_offset=0, with_kl=True, adam=None,
+                            workers=None):
+        """The gradient of one minibatch's cost, F = kl_weight KL + the sum of -log p(y | x, w) over
+        its rows, averaged over num_samples weight draws: a function of the parameters (the model's
+        ``_theta``), the noise keys of ``step`` and the rows (xb, yb).  Fills self._grad (the
+        layers write their slices in place); returns (NLL sum over the rows, KL).
+
+        Sums over rows add up: the rows ``[r, r + len(xb))`` of a minibatch, given as
+        ``row_offset=r`` (the per-example noise of "local" and "flipout" is keyed by the row's
+        place in the minibatch), give the part of the minibatch's gradient those rows contribute,
+        and ``with_kl=False`` leaves the KL part out (to be added once).  With ``adam = (m, v,
+        (step, lr, b1, b2, eps))`` (one sample only) each layer's kernel takes the Adam step on
+        its parameters instead, while the gradient is in cache; only the learned noise scale's
+        gradient, if any, is left in self._grad[-1]."""
         nll_tot = kl_tot = 0.0
         L = len(self.layers)
+        kl = self.kl if with_kl else "none"
         if self._learn_noise:
             self._grad[-1] = 0
         for s in range(self.num_samples):
             keys = _derive_keys(self._base_key, step, s, L)
-            f, acts = self._forward(xb, keys)
+            f, acts = self._forward(xb, keys, workers=workers, row_offset=row_offset)
             nll, g, g_ls = self._nll_and_grad(f, yb)
             if not np.isfinite(nll):
-                raise TrainingError(f"non-finite loss at step {step}: {self._first_bad_layer(xb, keys)}")
+                raise TrainingError(f"non-finite loss at step {step}: {self._first_bad_layer(xb, keys, row_offset)}",
+                                    step)
             for i in range(L - 1, -1, -1):
                 sl, sr = self._param_slices[i]
                 if adam is None:
-                    res = self.layers[i]._backward(g, kl_weight, self.kl, out=(self._grad[sl], self._grad[sr]),
-                                                   accumulate=s > 0, need_grad_x=i > 0)
+                    res = self.layers[i]._backward(g, kl_weight, kl, out=(self._grad[sl], self._grad[sr]),
+                                                   accumulate=s > 0, need_grad_x=i > 0, workers=workers)
                 else:
                     m, v, hyper = adam
-                    res = self.layers[i]._backward(g, kl_weight, self.kl, need_grad_x=i > 0,
-                                                   adam=((m[sl], v[sl], m[sr], v[sr]), hyper))
+                    res = self.layers[i]._backward(g, kl_weight, kl, need_grad_x=i > 0,
+                                                   adam=((m[sl], v[sl], m[sr], v[sr]), hyper), workers=workers)
                 if not self.layers[i]._last_finite:
-                    raise TrainingError(f"non-finite gradient in layer {i} at step {step}")
+                    raise TrainingError(f"non-finite gradient in layer {i} at step {step}", step)
                 kl_tot += res.kl
                 if i > 0:
                     g = res.grad_x
@@ -499,13 +606,15 @@ class BayesianMLP:
             self._grad /= self.num_samples
         return nll_tot / self.num_samples, kl_tot / self.num_samples
 
-    def _first_bad_layer(self, x, keys):
+    def _first_bad_layer(self, x, keys, row_offset=0):
         h = x
         for i, layer in enumerate(self.layers):
-            h = layer.forward(h, key=keys[i])
+            h = layer._forward(h, keys[i], train=False, row_offset=row_offset)
             if not np.isfinite(h).all():
                 return f"the output of layer {i} is not finite"
             h = np.maximum(h, 0) if i + 1 < len(self.layers) else h
+        if self.likelihood == "gaussian" and not 0.0 < self.noise_scale < math.inf:
+            return f"the learned noise scale is {self.noise_scale}"
         return "the likelihood is not finite at these outputs"
 
     # -- data checks ---------------------------------------------------------------------------------
@@ -513,12 +622,7 @@ class BayesianMLP:
         X = as_float_array(X, name)
         if X.ndim != 2 or X.shape[1] != self.sizes[0]:
             raise ValueError(f"{name} must have shape (N, {self.sizes[0]}), got {X.shape}")
-        check_finite(X, name)
-        with np.errstate(over="ignore"):
-            Xc = np.ascontiguousarray(X, dtype=self.dtype)
-        if not np.isfinite(Xc).all():
-            raise ValueError(f"{name} has values beyond the range of the model's dtype {self.dtype}")
-        return Xc
+        return _finite_as(X, name, self.dtype, "model")
 
     def _check_y(self, y, n, name="y"):
         if self.likelihood == "categorical":
@@ -539,25 +643,28 @@ class BayesianMLP:
             y = y.reshape(n, 1)
         if y.shape != (n, out):
             raise ValueError(f"{name} must have shape ({n},) or ({n}, {out}) like X, got {y.shape}")
-        check_finite(y, name)
-        with np.errstate(over="ignore"):
-            yc = np.ascontiguousarray(y, dtype=self.dtype)
-        if not np.isfinite(yc).all():
-            raise ValueError(f"{name} has values beyond the range of the model's dtype {self.dtype}")
-        return yc
+        return _finite_as(y, name, self.dtype, "model")
 
     # -- training ----------------------------------------------------------------------------------
-    def fit(self, X, y, *, epochs, batch_size=128, lr=1e-3, kl_weighting="uniform", validation_data=None,
+    def fit(self, X, y, *, epochs, batch_size=128, lr=None, kl_weighting="uniform", validation_data=None,
             progress=False, shuffle="shuffle", clip_norm=None, early_stopping=None, val_samples=10,
-            checkpoint=None, resume=False):
-        """Train by minibatch Adam on F_i = kl_weight_i KL[q || prior] - log P(D_i | w).
+            checkpoint=None, resume=False, optimizer=None):
+        """Train by minibatch stochastic optimisation (Adam by default) on
+        F_i = kl_weight_i KL[q || prior] - log P(D_i | w).
 
         Parameters
         ----------
         X : (N, sizes[0]) array; y : labels (N,) or targets (N,) / (N, sizes[-1])
         epochs : int
         batch_size : int
-        lr : float or schedule (callable step -> float, e.g. vg.optim.exponential(...))
+        lr : float or schedule (callable step -> float, e.g. vg.optim.exponential(...)), optional
+            The step size of the default optimiser, ``vg.optim.adam(lr)`` (None: 1e-3).
+        optimizer : vigrad.optim.Optimizer, optional
+            Any optimiser of :mod:`vigrad.optim` instead of ``lr`` (not both).  Adam without
+            clipping or weight decay runs on the core's Adam kernel, fused into each layer's
+            backward pass with one sample and no ``clip_norm``; any other runs its own update.
+            Its step counter is the model's (it continues across fits); the state of an optimiser
+            other than Adam lasts for this fit, and ``checkpoint`` keeps Adam's state only.
         kl_weighting : {"uniform", "blundell"}
             1/M for M minibatches per epoch, or Blundell's pi_i = 2^(M-i)/(2^M-1) for the i-th.
         validation_data : (X_val, y_val), optional
@@ -572,153 +679,190 @@ class BayesianMLP:
         val_samples : int
             Monte Carlo samples for the validation predictions.
         checkpoint : path, optional
-            Save the model and optimiser state after every epoch; ``resume=True`` continues from
-            the checkpoint's epoch, reproducing an uninterrupted run bit for bit.
+            Save the model and optimiser state after every epoch, atomically (see :meth:`save`:
+            a fit stopped at any moment, even by SIGKILL, leaves the previous checkpoint or the
+            new one); ``resume=True`` continues from the checkpoint's epoch, reproducing an
+            uninterrupted run bit for bit.
 
         Returns
         -------
         dict
             Per-epoch lists: "loss" (F per example), "nll", "kl", and with validation data
             "val_nll" and "val_accuracy" or "val_rmse".
+
+        Raises
+        ------
+        TrainingError
+            On a non-finite loss, gradient or validation output.  The parameters and the
+            optimiser state are first rolled back to the start of the last step whose loss and
+            gradient were finite (``err.restored_step``), bit for bit as a fit stopped there; the
+            error says so.  The rollback costs a copy of the parameters and the optimiser state
+            every 32 steps (two such copies are kept) and, on failure, the replay of at most 32 steps.
+        RuntimeError
+            When the model is already being trained (see the class notes on threads).
+
+        Any other exception inside a step (a KeyboardInterrupt) leaves the model at the start of
+        that step, never half updated.
+
+        Notes
+        -----
+        The pieces of the training loop (minibatches, KL weights, the optimiser's step, history,
+        validation and early stopping, checkpoints, rollback) are in :mod:`vigrad._trainer`; the
+        gradient of a minibatch is :meth:`_minibatch_gradient`.
         """
+        with self._guard.training():
+            return self._fit(X, y, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                             kl_weighting=kl_weighting, validation_data=validation_data, progress=progress,
+                             shuffle=shuffle, clip_norm=clip_norm, early_stopping=early_stopping,
+                             val_samples=val_samples, checkpoint=checkpoint, resume=resume)
+
+    def _fit(self, X, y, *, epochs, batch_size, lr, optimizer, kl_weighting, validation_data, progress, shuffle,
+             clip_norm, early_stopping, val_samples, checkpoint, resume):
+        """fit, with the model held for training (see _Guard): every argument is checked first,
+        then the driver runs the steps and closes the epochs."""
         X = self._check_X(X)
         y = self._check_y(y, X.shape[0])
         N = X.shape[0]
         if N == 0:
             raise ValueError("X must hold at least one example")
-        epochs = check_num_samples(epochs, "epochs")
-        batch_size = check_num_samples(batch_size, "batch_size")
-        if kl_weighting not in ("uniform", "blundell"):
-            raise ValueError(f"kl_weighting must be 'uniform' or 'blundell', got {kl_weighting!r}")
-        if shuffle not in ("shuffle", "replacement"):
-            raise ValueError(f"shuffle must be 'shuffle' or 'replacement', got {shuffle!r}")
-        schedule = lr if callable(lr) else _optim.constant(check_real(lr, "lr", positive=True))
+        plan = _trainer.BatchPlan.make(N, batch_size, epochs, shuffle)
+        kl_w = _trainer.kl_weights(plan.per_epoch, kl_weighting)
+        opt = _trainer.resolve_optimizer(lr, optimizer)
         if clip_norm is not None:
             clip_norm = check_real(clip_norm, "clip_norm", positive=True)
+        val = None
         if validation_data is not None:
             Xv = self._check_X(validation_data[0], "validation X")
-            yv = self._check_y(validation_data[1], Xv.shape[0], "validation y")
-        if early_stopping is not None:
-            if validation_data is None:
-                raise ValueError("early_stopping needs validation_data")
-            stopper = _optim.EarlyStopping(patience=check_num_samples(early_stopping, "early_stopping"))
-        batch_size = min(batch_size, N) if shuffle == "shuffle" else batch_size
-        M = _data.num_batches(N, batch_size)
-        kl_w = np.full(M, 1.0 / M) if kl_weighting == "uniform" else _blundell_weights(M)
+            val = (Xv, self._check_y(validation_data[1], Xv.shape[0], "validation y"))
+            val_samples = check_num_samples(val_samples, "val_samples")
+        if early_stopping is not None and val is None:
+            raise ValueError("early_stopping needs validation_data")
+        stopper = None if early_stopping is None else _trainer.EarlyStop(early_stopping)
+        _trainer.check_checkpointable(opt, checkpoint, resume)
 
-        start_epoch = 0
-        if resume:
-            if checkpoint is None or not os.path.exists(checkpoint):
-                raise ValueError(f"resume=True needs an existing checkpoint file, got {checkpoint!r}")
-            saved = BayesianMLP.load(checkpoint)
-            if saved.sizes != self.sizes or saved._theta.shape != self._theta.shape:
-                raise ValueError("the checkpoint holds a different architecture")
-            self._theta[...] = saved._theta
-            self._opt_state = saved._opt_state
-            self._base_key = saved._base_key
-            self.history = saved.history
-            start_epoch = len(self.history.get("loss", []))
+        start_epoch = _trainer.restore_checkpoint(self, checkpoint) if resume else 0
         if self._opt_state is None:
             self._opt_state = (0, np.zeros_like(self._theta), np.zeros_like(self._theta))
         if not resume:
-            self.history = {k: [] for k in ("loss", "nll", "kl")}
-            if validation_data is not None:
-                self.history["val_nll"] = []
-                self.history["val_accuracy" if self.likelihood == "categorical" else "val_rmse"] = []
-        es_state = stopper.init() if early_stopping is not None else None
-        best_theta = None
-        data_seed = _derive_keys(self._base_key, 2**62, 0, 1)[0]
-        stream = _data.minibatches(N, batch_size, mode=shuffle,
-                                   num_epochs=epochs if shuffle == "shuffle" else None,
-                                   num_steps=None if shuffle == "shuffle" else epochs * M,
-                                   rng=data_seed, start_step=start_epoch * M)
+            self.history = _trainer.new_history(val is not None, self.likelihood)
+        history = _trainer.History(self.history, N, plan.per_epoch, plan.epochs, self.likelihood)
         step, m, v = self._opt_state
+        updater = _trainer.Updater(opt, self._theta, m, v)
         # the fused path (Adam inside each layer's backward kernel) needs the whole gradient of a
         # step from one pass: one sample and no clipping by the global norm
-        fused = self.num_samples == 1 and clip_norm is None
+        fused = updater.fusable and self.num_samples == 1 and clip_norm is None
+
+        def train_step(s, indices, i):
+            """Step s on minibatch `indices` (number i of its epoch), in place on theta and the state."""
+            return self._threads["step"].run(lambda w: self._train_step(
+                X[indices], y[indices], float(kl_w[i]), s, updater, fused, clip_norm, w))
+
+        # On a non-finite step (TrainingError) the model goes back to the start of the step
+        # before; on any other exception in the middle of a step (KeyboardInterrupt), to the
+        # start of that step: never left diverged or half updated.
+        rewind = _trainer.Rewind((self._theta,) + updater.arrays, step)
+        dirty = False
         t0 = time.perf_counter()
-        sums = [0.0, 0.0, 0]
-        for batch in stream:
-            i = batch.step % M
-            xb, yb = X[batch.indices], y[batch.indices]
-            hyper = (step, _optim._lr_at(schedule, step), 0.9, 0.999, 1e-8)
-            if fused:  # one sample, no clipping: each layer's kernel takes its Adam step
-                nll, klv = self._step_grad(xb, yb, float(kl_w[i]), step, adam=(m, v, hyper))
-                if self._learn_noise:
-                    _core.adam_update(self._theta[-1:], self._grad[-1:], m[-1:], v[-1:], *hyper, 1)
-            else:
-                nll, klv = self._step_grad(xb, yb, float(kl_w[i]), step)
-                if clip_norm is not None:
-                    norm = float(np.sqrt(np.dot(self._grad.astype(np.float64), self._grad.astype(np.float64))))
-                    if norm > clip_norm:
-                        self._grad *= self.dtype.type(clip_norm / norm)
-                _core.adam_update(self._theta, self._grad, m, v, *hyper, self.workers)
-            step += 1
-            sums[0] += nll
-            sums[1] += klv
-            sums[2] += len(batch.indices)
-            if i == M - 1:  # end of an epoch
-                epoch = batch.step // M
-                self._opt_state = (step, m, v)
-                n_seen = sums[2]
-                self.history["nll"].append(sums[0] / n_seen)
-                self.history["kl"].append(sums[1] / M)
-                # F per example over the epoch: (sum of the minibatch NLLs + KL) / N
-                self.history["loss"].append(sums[0] / n_seen + self.history["kl"][-1] / N)
-                sums = [0.0, 0.0, 0]
-                line = (f"epoch {epoch + 1:>4}/{epochs}  loss {self.history['loss'][-1]:.4f}  "
-                        f"nll {self.history['nll'][-1]:.4f}  kl {self.history['kl'][-1]:.1f}")
-                stop = False
-                if validation_data is not None:
-                    vn, vm = self._evaluate(Xv, yv, val_samples, epoch)
-                    self.history["val_nll"].append(vn)
-                    self.history["val_accuracy" if self.likelihood == "categorical" else "val_rmse"].append(vm)
-                    line += f"  val_nll {vn:.4f}"
-                    if es_state is not None:
-                        es_state, stop, improved = stopper.update(es_state, vn)
-                        if improved:
-                            best_theta = self._theta.copy()
-                if progress:
-                    print(line + f"  ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
-                if checkpoint is not None:
-                    self.save(checkpoint)
-                if stop:
+        try:
+            data_seed = _derive_keys(self._base_key, 2**62, 0, 1)[0]  # the minibatches' own stream of keys
+            for batch in plan.batches(data_seed, start_epoch):
+                i = batch.step % plan.per_epoch
+                rewind.record(step, batch.indices, i)
+                dirty = True
+                nll, klv = train_step(step, batch.indices, i)
+                step += 1
+                dirty = False
+                history.add_step(nll, klv, len(batch.indices))
+                if i == plan.per_epoch - 1 and self._end_epoch(batch.step // plan.per_epoch, step, history, val,
+                                                              val_samples, stopper, progress, t0, checkpoint):
                     break
+        except TrainingError as exc:
+            failed = step if exc.step is None else exc.step
+            back = rewind.rewind(failed - 1, train_step)
+            self._opt_state = (back, m, v)
+            history.roll_back(back)
+            where = (f"the start of step {back}, the last step whose loss and gradient were finite" if back < failed
+                     else f"step {back}, as before this fit")
+            raise TrainingError(f"{exc}; the parameters and the optimiser state are rolled back to {where}",
+                                failed, back) from None
+        except BaseException:
+            if dirty:
+                rewind.rewind(step, train_step)
+            self._opt_state = (step, m, v)
+            raise
         self._opt_state = (step, m, v)
-        if best_theta is not None:
-            self._theta[...] = best_theta
+        if stopper is not None:
+            stopper.restore(self._theta)
         return self.history
 
-    def _evaluate(self, Xv, yv, S, epoch):
-        if self.likelihood == "categorical":
-            p = self.predict_proba(Xv, num_samples=S, rng=epoch)
-            nll = float(-np.mean(np.log(np.clip(p[np.arange(len(yv)), yv], 1e-12, None))))
-            return nll, float(np.mean(p.argmax(axis=1) == yv))
-        mean, std = self.predict(Xv, num_samples=S, return_std=True, rng=epoch)
-        yv2 = yv.reshape(mean.shape)
-        nll = float(np.mean(0.5 * ((yv2 - mean) / std) ** 2 + np.log(std) + 0.5 * math.log(2 * math.pi)))
-        return nll, float(np.sqrt(np.mean((yv2 - mean) ** 2)))
+    def _end_epoch(self, epoch, step, history, val, val_samples, stopper, progress, t0, checkpoint) -> bool:
+        """After the last step of an epoch: its history, validation, early stopping, progress line
+        and checkpoint.  True when early stopping ends the fit."""
+        self._opt_state = (step,) + tuple(self._opt_state[1:])
+        history.end_epoch(step)
+        stop = False
+        if val is not None:
+            try:
+                vn, vm = _trainer.validation_metrics(self, *val, val_samples, epoch)
+            except ValueError as exc:  # non-finite outputs: the parameters of this step diverged
+                raise TrainingError(f"validation after step {step - 1} (epoch {epoch + 1}): {exc}", step) from None
+            history.add_validation(vn, vm)
+            stop = stopper is not None and stopper.update(vn, self._theta)
+        if progress:
+            print(history.line(epoch, time.perf_counter() - t0), file=sys.stderr, flush=True)
+        if checkpoint is not None:
+            self.save(checkpoint)
+        return stop
+
+    def _train_step(self, xb, yb, kl_weight, step, updater, fused, clip_norm, workers=None):
+        """One optimiser step on a minibatch, in place on theta and the optimiser's state;
+        returns (NLL sum, KL)."""
+        nw = self.workers if workers is None else workers
+        hyper = updater.hyper(step) if updater.fusable else None  # the schedule first: nothing written if it raises
+        if fused:  # one sample, no clipping: each layer's kernel takes its Adam step
+            nll, klv = self._minibatch_gradient(xb, yb, kl_weight, step, adam=(updater.m, updater.v, hyper),
+                                                workers=nw)
+            if self._learn_noise:
+                _core.adam_update(self._theta[-1:], self._grad[-1:], updater.m[-1:], updater.v[-1:], *hyper, 1)
+            return nll, klv
+        nll, klv = self._minibatch_gradient(xb, yb, kl_weight, step, workers=nw)
+        if clip_norm is not None:
+            _trainer.clip_global_norm(self._grad, clip_norm)
+        updater.apply(self._theta, self._grad, step, nw, hyper)
+        return nll, klv
 
     # -- prediction ----------------------------------------------------------------------------------
-    def _sample_outputs(self, X, num_samples, rng):
+    def _sample_outputs(self, X, num_samples, rng, what):
         X = self._check_X(X)
         S = check_num_samples(num_samples, "num_samples")
         base = int(resolve_rng(rng).integers(0, 2**64, dtype=np.uint64)) if rng is not None else self._base_key ^ 0xA5A5
-        outs = []
-        for s in range(S):
-            f, _ = self._forward(X, _derive_keys(base, 2**61, s, len(self.layers)))
-            outs.append(f)
-        return np.stack(outs)
+        out = np.empty((S, X.shape[0], self.sizes[-1]), self.dtype)
+        with self._guard.reading(what):
+            for s in range(S):
+                keys = _derive_keys(base, 2**61, s, len(self.layers))
+                out[s], _ = self._threads["predict"].run(lambda w: self._forward(X, keys, train=False, workers=w))
+            noise = self.noise_scale
+        if not np.isfinite(out).all():
+            bad = ~np.isfinite(out).all(axis=2)
+            s, n = (int(k) for k in np.argwhere(bad)[0])
+            raise ValueError(f"the network's outputs are not finite for {int(bad.sum())} of the {S} x {X.shape[0]} "
+                             f"(sample, example) pairs, the first at sample {s}, example {n}: the inputs are too "
+                             f"large for these parameters, or the parameters diverged")
+        return out, noise
 
     def predict_proba(self, X, *, num_samples=30, rng=None):
-        """Classification: the Monte Carlo average of softmax over num_samples weight draws, (N, classes)."""
+        """Classification: the Monte Carlo average of softmax over num_samples weight draws, (N, classes).
+        Like every prediction, a ValueError when a network output is not finite."""
         if self.likelihood != "categorical":
             raise ValueError("predict_proba needs a categorical likelihood")
-        return self.sample_proba(X, num_samples=num_samples, rng=rng).mean(axis=0)
+        return self._proba(X, num_samples, rng, "predict_proba").mean(axis=0)
 
     def sample_proba(self, X, *, num_samples=30, rng=None):
         """Per-draw softmax probabilities (S, N, classes), for vg.metrics.mutual_information."""
-        f = self._sample_outputs(X, num_samples, rng).astype(np.float64)
+        return self._proba(X, num_samples, rng, "sample_proba")
+
+    def _proba(self, X, num_samples, rng, what):
+        f = self._sample_outputs(X, num_samples, rng, what)[0].astype(np.float64)
         f -= f.max(axis=2, keepdims=True)
         e = np.exp(f)
         return e / e.sum(axis=2, keepdims=True)
@@ -727,13 +871,14 @@ class BayesianMLP:
         """Regression: the predictive mean (N,) or (N, out) (and the predictive sd, which includes
         the noise); classification: the labels of the highest averaged probability."""
         if self.likelihood == "categorical":
-            return self.predict_proba(X, num_samples=num_samples, rng=rng).argmax(axis=1)
-        f = self._sample_outputs(X, num_samples, rng).astype(np.float64)
+            return self._proba(X, num_samples, rng, "predict").mean(axis=0).argmax(axis=1)
+        f, noise = self._sample_outputs(X, num_samples, rng, "predict")
+        f = f.astype(np.float64)
         mean = f.mean(axis=0)
         squeeze = self.sizes[-1] == 1
         if not return_std:
             return mean[:, 0] if squeeze else mean
-        std = np.sqrt(f.var(axis=0) + self.noise_scale**2)
+        std = np.sqrt(f.var(axis=0) + noise**2)
         return (mean[:, 0], std[:, 0]) if squeeze else (mean, std)
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -758,14 +903,20 @@ class BayesianMLP:
 
     def save(self, path):
         """Write the model (architecture, prior, dtype, parameters, optimiser state, history) to a
-        versioned .npz with a SHA-256 checksum."""
-        meta = json.dumps(self._metadata(), sort_keys=True)
-        m, v = (self._opt_state[1], self._opt_state[2]) if self._opt_state is not None else (
-            np.zeros(0, self.dtype), np.zeros(0, self.dtype))
-        arrays = [self._theta, m, v]
-        with open(path, "wb") as fh:
-            np.savez(fh, meta=np.array(meta), theta=self._theta, adam_m=m, adam_v=v,
-                     checksum=np.array(self._checksum(meta, arrays)))
+        versioned .npz with a SHA-256 checksum.
+
+        The file is replaced atomically (a temporary file in the same folder, flushed and
+        fsynced, then renamed over ``path``): whenever the process stops, even by SIGKILL or a
+        power cut, ``path`` holds the previous file or the new one, never a mix.  A kill in the
+        middle can leave the temporary file (``.<name>.<pid>.<random>.tmp``) behind."""
+        with self._guard.reading("save"):
+            meta = json.dumps(self._metadata(), sort_keys=True)
+            m, v = (self._opt_state[1], self._opt_state[2]) if self._opt_state is not None else (
+                np.zeros(0, self.dtype), np.zeros(0, self.dtype))
+            arrays = [self._theta, m, v]
+            checksum = self._checksum(meta, arrays)
+            _write_atomically(path, lambda fh: np.savez(fh, meta=np.array(meta), theta=self._theta, adam_m=m,
+                                                        adam_v=v, checksum=np.array(checksum)))
 
     @classmethod
     def load(cls, path) -> "BayesianMLP":

@@ -20,7 +20,7 @@ import numpy as np
 from .distributions import MeanFieldGaussian, Normal
 from .estimators import elbo_grad
 
-__all__ = ["run_demo", "run_bbb_demo", "EXACT_MU", "EXACT_SIGMA", "EXACT_F"]
+__all__ = ["run_demo", "run_bbb_demo", "matplotlib_pyplot", "EXACT_MU", "EXACT_SIGMA", "EXACT_F"]
 
 EXACT_MU = 0.25
 EXACT_SIGMA = math.sqrt(0.5)
@@ -85,10 +85,26 @@ def run_demo(*, steps=3000, samples=10, lr=0.01, dim=1, seed=0, estimator="pathw
             "seconds": elapsed, "losses": losses}
 
 
+def matplotlib_pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def run_bbb_demo(*, seed=0, epochs=40, out=sys.stdout, plot=None, progress=True):
     """Bayes by Backprop on real data: a 64-128-10 BayesianMLP on the shipped digits, its test
     accuracy / NLL / calibration, and its uncertainty off the data; then Blundell et al.'s toy
-    curve, whose predictive sd grows away from the training range (``plot``: a PNG of the band)."""
+    curve, whose predictive sd grows away from the training range (``plot``: a PNG of the band,
+    which needs matplotlib: an ImportError before any work when it is missing)."""
+    plt = None if plot is None else matplotlib_pyplot()
+    if plot is not None and plt is None:
+        raise ImportError(f"plot={plot!r} needs matplotlib, which is not installed (pip install matplotlib)")
     from . import metrics
     from .bnn import BayesianMLP
     from .datasets import load_digits, make_blundell_curve, train_test_split
@@ -122,26 +138,18 @@ def run_bbb_demo(*, seed=0, epochs=40, out=sys.stdout, plot=None, progress=True)
           f"predictive sd {np.median(std[inside]):.3f} inside the data, {np.median(std[~inside]):.3f} outside "
           f"({np.median(std[~inside]) / np.median(std[inside]):.1f}x)", file=out)
     if plot is not None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("  plot skipped: matplotlib is not installed", file=out)
-        else:
-            fig, ax = plt.subplots(figsize=(7, 4))
-            ax.fill_between(grid[:, 0], mean - 2 * std, mean + 2 * std, alpha=0.3, label="mean +- 2 sd")
-            ax.plot(grid[:, 0], mean, label="predictive mean")
-            ax.scatter(Xc[::4, 0], yc[::4], s=4, c="k", label="training data")
-            ax.set_xlabel("x")
-            ax.set_ylabel("y")
-            ax.legend(loc="upper left")
-            ax.set_title("Bayes by Backprop: the predictive band widens off the data")
-            fig.tight_layout()
-            fig.savefig(plot, dpi=100)
-            plt.close(fig)
-            print(f"  predictive band written to {plot}", file=out)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.fill_between(grid[:, 0], mean - 2 * std, mean + 2 * std, alpha=0.3, label="mean +- 2 sd")
+        ax.plot(grid[:, 0], mean, label="predictive mean")
+        ax.scatter(Xc[::4, 0], yc[::4], s=4, c="k", label="training data")
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
+        ax.legend(loc="upper left")
+        ax.set_title("Bayes by Backprop: the predictive band widens off the data")
+        fig.tight_layout()
+        fig.savefig(plot, dpi=100)
+        plt.close(fig)
+        print(f"  predictive band written to {plot}", file=out)
     return {"accuracy": metrics.accuracy(p, yte), "nll": metrics.nll(p, yte),
             "ece": metrics.expected_calibration_error(p, yte),
             "mi_test": float(metrics.mutual_information(p_samples).mean()),

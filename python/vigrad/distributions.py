@@ -103,7 +103,7 @@ class MeanFieldGaussian:
         if loc_arr.shape != scale.shape:
             raise ValueError(f"loc and scale must have the same shape, got {loc_arr.shape} and {scale.shape}")
         dtype = np.result_type(loc_arr.dtype, scale.dtype)
-        s = np.ascontiguousarray(scale, dtype=dtype)
+        s = np.asarray(scale, dtype=dtype, order="C")
         rho = _core.softplus_inv(s.reshape(-1), resolve_workers(None)).reshape(s.shape)
         return cls(loc_arr.astype(dtype, copy=False), rho)
 
@@ -301,10 +301,10 @@ class _Prior:
         w = as_float_array(w, name)
         if w.ndim <= 1:
             event = w.shape
-            w2 = np.ascontiguousarray(w).reshape(1, -1)
+            w2 = np.ascontiguousarray(w).reshape(1, w.size)
             return w, w2, event, False
         event = w.shape[1:]
-        w2 = np.ascontiguousarray(w).reshape(w.shape[0], -1)
+        w2 = np.ascontiguousarray(w).reshape(w.shape[0], int(np.prod(event, dtype=np.int64)))  # also for S = 0
         return w, w2, event, True
 
     def log_prob(self, w, *, workers=None):

@@ -92,9 +92,10 @@ def _nonfinite_report(arrays, what):
     return ValueError(f"{what} overflowed to a non-finite value although every input is finite")
 
 
-def _run_pathwise(loc, rho, eps, glik, prior, mode, kl_weight, workers):
-    """Core call on flat arrays: loc, rho (D,), eps, glik (S, D)."""
-    params = prior._flat_params(loc.dtype, (loc.size,))
+def _run_pathwise(loc, rho, eps, glik, prior, mode, kl_weight, workers, event_shape):
+    """Core call on flat arrays: loc, rho (D,), eps, glik (S, D); the prior's parameters broadcast
+    (NumPy's rule) to the event shape, then flattened like loc."""
+    params = prior._flat_params(loc.dtype, event_shape)
     if isinstance(prior, Normal):
         return _core.pathwise_grad_normal(loc, rho, eps, glik, *params, mode, kl_weight, workers)
     return _core.pathwise_grad_mixture(loc, rho, eps, glik, *params, mode, kl_weight, workers)
@@ -146,12 +147,12 @@ def pathwise_grad(loc, rho, eps, grad_log_lik, prior, *, kl="mc", kl_weight=1.0,
         raise TypeError(f"stl must be a bool, got {type(stl).__name__}")
     loc = as_float_array(loc, "loc")
     dtype = np.result_type(loc.dtype, as_float_array(rho, "rho").dtype)
-    loc = np.ascontiguousarray(loc, dtype=dtype)
-    rho = np.ascontiguousarray(as_float_array(rho, "rho"), dtype=dtype)
+    loc = np.asarray(loc, dtype=dtype, order="C")  # (not ascontiguousarray: it makes a scalar event 1-D)
+    rho = np.asarray(as_float_array(rho, "rho"), dtype=dtype, order="C")
     if rho.shape != loc.shape:
         raise ValueError(f"loc and rho must have the same shape, got {loc.shape} and {rho.shape}")
-    eps = np.ascontiguousarray(as_float_array(eps, "eps"), dtype=dtype)
-    glik = np.ascontiguousarray(as_float_array(grad_log_lik, "grad_log_lik"), dtype=dtype)
+    eps = np.asarray(as_float_array(eps, "eps"), dtype=dtype, order="C")
+    glik = np.asarray(as_float_array(grad_log_lik, "grad_log_lik"), dtype=dtype, order="C")
     shape = loc.shape
     if eps.ndim != loc.ndim + 1 or eps.shape[1:] != shape:
         raise ValueError(f"eps must have shape (S, *{shape}), got {eps.shape}")
@@ -167,7 +168,7 @@ def pathwise_grad(loc, rho, eps, grad_log_lik, prior, *, kl="mc", kl_weight=1.0,
     mode = "analytic" if kl == "analytic" else ("stl" if stl else "mc")
     S, D = eps.shape[0], loc.size
     flat = (loc.reshape(D), rho.reshape(D), eps.reshape(S, D), glik.reshape(S, D))
-    gl, gr, _, finite = _run_pathwise(*flat, prior, mode, kw, resolve_workers(workers))
+    gl, gr, _, finite = _run_pathwise(*flat, prior, mode, kw, resolve_workers(workers), shape)
     if not finite:
         raise _nonfinite_report(
             [("loc", loc), ("rho", rho), ("eps", eps), ("grad_log_lik", glik)], "the gradient"
@@ -191,15 +192,15 @@ def score_grad(loc, rho, eps, f, *, baseline=None, workers=None):
     """
     loc = as_float_array(loc, "loc")
     dtype = np.result_type(loc.dtype, as_float_array(rho, "rho").dtype)
-    loc = np.ascontiguousarray(loc, dtype=dtype)
-    rho = np.ascontiguousarray(as_float_array(rho, "rho"), dtype=dtype)
+    loc = np.asarray(loc, dtype=dtype, order="C")  # (not ascontiguousarray: it makes a scalar event 1-D)
+    rho = np.asarray(as_float_array(rho, "rho"), dtype=dtype, order="C")
     if rho.shape != loc.shape:
         raise ValueError(f"loc and rho must have the same shape, got {loc.shape} and {rho.shape}")
-    eps = np.ascontiguousarray(as_float_array(eps, "eps"), dtype=dtype)
+    eps = np.asarray(as_float_array(eps, "eps"), dtype=dtype, order="C")
     if eps.ndim != loc.ndim + 1 or eps.shape[1:] != loc.shape:
         raise ValueError(f"eps must have shape (S, *{loc.shape}), got {eps.shape}")
     S = eps.shape[0]
-    f = np.ascontiguousarray(as_float_array(f, "f"), dtype=dtype)
+    f = np.asarray(as_float_array(f, "f"), dtype=dtype, order="C")
     if f.shape != (S,):
         raise ValueError(f"f must have shape ({S},), got {f.shape}")
     kind, value = _baseline_args(baseline, S)
@@ -327,14 +328,14 @@ def elbo_grad(q, log_lik, prior, *, num_samples=1, estimator="pathwise", kl="mc"
 
         if estimator in ("pathwise", "stl"):
             mode = "analytic" if kl == "analytic" else estimator.replace("pathwise", "mc")
-            gl, gr, kl_part, finite = _run_pathwise(loc, rho, eps, grads.reshape(S, D), prior, mode, kw, nw)
+            gl, gr, kl_part, finite = _run_pathwise(loc, rho, eps, grads.reshape(S, D), prior, mode, kw, nw, q.shape)
             if not finite:
                 raise _nonfinite_report([("log_lik grads", grads)], "the gradient")
             return ElboGrad(kw * kl_part - mean_ll, gl.reshape(q.shape), gr.reshape(q.shape), kl_part, mean_ll)
 
         # score function: f_s is the per-sample cost
         if kl == "mc":
-            params = prior._flat_params(q.dtype, (D,))
+            params = prior._flat_params(q.dtype, q.shape)
             log_q = _core.mf_log_prob(loc, scale, w, nw).astype(np.float64)
             log_p = prior._log_prob(w, params, nw).astype(np.float64)
             kl_s = log_q - log_p
@@ -342,7 +343,7 @@ def elbo_grad(q, log_lik, prior, *, num_samples=1, estimator="pathwise", kl="mc"
             kl_part = float(kl_s.mean())
             g_kl_loc = g_kl_rho = None
         else:
-            m, s = prior._flat_params(q.dtype, (D,))
+            m, s = prior._flat_params(q.dtype, q.shape)
             kl_part, g_kl_loc, g_kl_rho = _core.kl_mf_normal(loc, rho, m, s, kw, nw)
             f = -values
         gl, gr, finite = _core.score_grad(loc, rho, eps, f.astype(q.dtype), bkind, bvalue, nw)

@@ -21,8 +21,14 @@ Conventions
 * Every argument is checked before any work and a ``TypeError`` (wrong kind of object)
   or ``ValueError`` (wrong shape or value) names it and says what was expected and what
   was given: empty inputs, mismatched shapes, NaN or inf, probabilities outside [0, 1],
-  probability rows (the last axis) whose sum differs from 1 by more than 1e-6, labels
+  probability rows (the last axis) whose sum differs from 1 by more than the tolerance
+  ``max(1e-6, (K + 2) eps)``, labels
   that are not whole numbers or lie outside ``[0, K)``.
+* The tolerance on the row sums follows the input: ``eps`` is the machine epsilon of its
+  dtype (float16 9.8e-4, float32 1.2e-7, float64 and integers 2.2e-16) and ``K`` the length of
+  the last axis.  A softmax computed in that dtype is off by at most (K + 2) eps / 2 (the
+  rounding of the exponentials, of their sum added one by one, and of the division), so a
+  float16 softmax over 10 classes or a float32 one over 10 000 passes, with a margin of 2.
 * Labels may have any integer dtype, or a float dtype holding whole numbers; bool is
   refused.
 * Where a prediction is needed (:func:`accuracy`, :func:`expected_calibration_error`)
@@ -64,7 +70,7 @@ __all__ = [
     "gaussian_nll",
 ]
 
-#: Largest allowed |sum of a probability row - 1|.
+#: Smallest tolerance on |sum of a probability row - 1| (see _sum_tolerance).
 _SUM_ATOL = 1e-6
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -75,8 +81,16 @@ def _first_index(mask: np.ndarray) -> tuple:
     return tuple(int(i) for i in np.argwhere(mask)[0])
 
 
+def _sum_tolerance(dtype: np.dtype, num_classes: int) -> float:
+    """max(1e-6, (K + 2) eps): twice the worst-case rounding error of the sum of a softmax over K
+    classes computed in ``dtype`` (eps of float64 for integer input)."""
+    eps = np.finfo(dtype).eps if dtype.kind == "f" else np.finfo(np.float64).eps
+    return max(_SUM_ATOL, (num_classes + 2) * float(eps))
+
+
 def _check_probs(probs, name: str, ndims: tuple[int, ...], layout: str) -> np.ndarray:
     """Validated probabilities as float64 (a copy when the input was not float64)."""
+    given = probs.dtype if isinstance(probs, np.ndarray) else None
     arr = as_float_array(probs, name)
     if arr.ndim not in ndims:
         raise ValueError(f"{name} must have shape {layout}, got shape {arr.shape} ({arr.ndim}-D)")
@@ -91,11 +105,13 @@ def _check_probs(probs, name: str, ndims: tuple[int, ...], layout: str) -> np.nd
             f"the first, {float(arr[where])!r}, at index {where}"
         )
     sums = arr.sum(axis=-1, dtype=np.float64)
-    off = np.abs(sums - 1.0) > _SUM_ATOL
+    tol = _sum_tolerance(given if given is not None else arr.dtype, arr.shape[-1])
+    off = np.abs(sums - 1.0) > tol
     if off.any():
         where = _first_index(off)
         raise ValueError(
-            f"{name} must sum to 1 along its last axis (within {_SUM_ATOL:g}), got "
+            f"{name} must sum to 1 along its last axis (within {tol:.3g} for {arr.shape[-1]} classes in "
+            f"{given if given is not None else arr.dtype}), got "
             f"{int(off.sum())} row(s) that do not; the first, at index {where}, sums to {float(sums[where])!r}"
         )
     return arr.astype(np.float64, copy=False)
@@ -181,7 +197,7 @@ def nll(probs, labels, *, eps: float = 1e-12) -> float:
     Parameters
     ----------
     probs : array_like, shape (N, K)
-        Predictive probabilities; each row in [0, 1] and summing to 1 (within 1e-6).
+        Predictive probabilities; each row in [0, 1] and summing to 1 (see Conventions).
     labels : array_like of int, shape (N,)
         True classes in ``0..K-1``.
     eps : float, keyword-only
@@ -218,7 +234,7 @@ def accuracy(probs_or_labels_pred, labels) -> float:
     Parameters
     ----------
     probs_or_labels_pred : array_like, shape (N, K) or (N,)
-        Either predictive probabilities (each row in [0, 1], summing to 1 within 1e-6),
+        Either predictive probabilities (each row in [0, 1], summing to 1, see Conventions),
         whose row-wise argmax is the prediction (ties: the lowest class), or predicted
         class labels (whole numbers >= 0).
     labels : array_like of int, shape (N,)
@@ -284,7 +300,7 @@ def expected_calibration_error(probs, labels, *, num_bins: int = 15) -> float:
     Parameters
     ----------
     probs : array_like, shape (N, K)
-        Predictive probabilities; each row in [0, 1] and summing to 1 (within 1e-6).
+        Predictive probabilities; each row in [0, 1] and summing to 1 (see Conventions).
     labels : array_like of int, shape (N,)
         True classes in ``0..K-1``.
     num_bins : int, keyword-only
@@ -332,7 +348,7 @@ def brier_score(probs, labels) -> float:
     Parameters
     ----------
     probs : array_like, shape (N, K)
-        Predictive probabilities; each row in [0, 1] and summing to 1 (within 1e-6).
+        Predictive probabilities; each row in [0, 1] and summing to 1 (see Conventions).
     labels : array_like of int, shape (N,)
         True classes in ``0..K-1``.
 
@@ -366,7 +382,7 @@ def predictive_entropy(probs) -> np.ndarray:
     ----------
     probs : array_like, shape (N, K) or (S, N, K)
         Predictive probabilities, or per-sample probabilities, which are averaged over
-        the S samples first; each row (last axis) in [0, 1] and summing to 1 (within 1e-6).
+        the S samples first; each row (last axis) in [0, 1] and summing to 1 (see Conventions).
 
     Returns
     -------
@@ -399,7 +415,7 @@ def expected_entropy(sample_probs) -> np.ndarray:
     ----------
     sample_probs : array_like, shape (S, N, K)
         Probabilities under each of S posterior samples; each row (last axis) in [0, 1]
-        and summing to 1 (within 1e-6).
+        and summing to 1 (see Conventions).
 
     Returns
     -------
@@ -430,7 +446,7 @@ def mutual_information(sample_probs) -> np.ndarray:
     ----------
     sample_probs : array_like, shape (S, N, K)
         Probabilities under each of S posterior samples; each row (last axis) in [0, 1]
-        and summing to 1 (within 1e-6).
+        and summing to 1 (see Conventions).
 
     Returns
     -------

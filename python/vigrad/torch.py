@@ -19,6 +19,16 @@ through ``torch.from_numpy``.
 Eval mode (``module.eval()``) uses the mean weights: no noise, no KL recorded.  To draw Monte
 Carlo predictions in eval mode, wrap them in ``with vgt.sampling(model): ...``.
 
+Threads: vigrad's core and PyTorch load the same OpenMP runtime (libgomp), so their parallel
+regions share one pool of threads, whose idle threads spin for a while before they sleep.  On a
+machine where other processes hold the cores, every region then waits at its barrier for a
+thread the OS has not scheduled: a small network's step can take 100x longer with two threads
+than with one (measured on 2 cores shared with several busy processes, 64-128-10 at batch 64:
+175 ms against 1.2 ms), in PyTorch's own operations as much as in vigrad's.  vigrad's layers
+choose their threads by measurement (``workers=None``); for PyTorch's, ``torch.set_num_threads(1)``
+for a small model, or ``OMP_WAIT_POLICY=passive`` in the environment before Python starts (idle
+threads then sleep at once), removes the stalls (see bench/test_bench_threads.py).
+
 Examples
 --------
 >>> import torch, vigrad as vg, vigrad.torch as vgt
@@ -36,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import time
 from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -43,18 +54,19 @@ import torch
 from torch import nn
 
 from . import _core
+from . import _layer_ops as _ops
+from ._layer_ops import Threads as _Threads
 from ._validation import check_num_samples, check_real, resolve_workers
-from .bnn import _derive_keys
-from .distributions import Normal, ScaleMixtureNormal
+from .distributions import Normal
 
 __all__ = ["BayesianConv2d", "BayesianLinear", "DeviceError", "StaleKLError", "derive_key", "kl_loss", "sample_weights",
            "sampling"]
 
-_ESTIMATORS = ("reparam", "local", "flipout")
-_KL_MODES = ("mc", "analytic")
+_ESTIMATORS = _ops.ESTIMATORS
+_KL_MODES = _ops.KL_MODES
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 #: XORed into the key for the local reparameterisation's per-example draws (as vigrad.bnn).
-_LOCAL_KEY_SALT = 0x5DEECE66D
+_LOCAL_KEY_SALT = _ops.LOCAL_KEY_SALT
 
 
 class DeviceError(TypeError, ValueError):
@@ -105,15 +117,11 @@ def _prior_flat(prior, np_dtype, shape):
 
 
 def _check_prior(prior):
-    if not isinstance(prior, (Normal, ScaleMixtureNormal)):
-        raise TypeError(f"prior must be a vigrad Normal or ScaleMixtureNormal, got {type(prior).__name__}")
+    _ops.check_prior(prior)
 
 
 def _check_kl(kl, prior):
-    if not isinstance(kl, str) or kl not in _KL_MODES:
-        raise ValueError(f"kl must be 'mc' or 'analytic', got {kl!r}")
-    if kl == "analytic" and not isinstance(prior, Normal):
-        raise ValueError("kl='analytic' needs a Normal prior (no closed form for the scale mixture); use kl='mc'")
+    _ops.check_kl(kl, prior)
 
 
 # -- sample_weights --------------------------------------------------------------------------------
@@ -259,16 +267,14 @@ def derive_key(seed: int, step: int, stream: int = 0) -> int:
     """The 64-bit noise key of forward number ``step`` of a layer seeded with ``seed`` (stream 0:
     training-mode forwards, 1: sampled eval-mode forwards).  A pure function (Philox, as
     vigrad.BayesianMLP's keys), so a seeded layer draws the same noise on every run."""
-    return _derive_keys(int(seed), int(step), int(stream), 1)[0]
+    return _ops.derive_keys(int(seed), int(step), int(stream), 1)[0]
 
 
 class _Spec(NamedTuple):
     estimator: str
     kl: str
     key: int
-    kernel: object  # bbb_grad_normal / _mixture
-    noise_kernel: object  # bbb_noise_kl_normal / _mixture
-    params: tuple
+    ops: object  # the layer's vigrad._layer_ops.LinearOps
     workers: int
     in_features: int
     out_features: int
@@ -286,12 +292,47 @@ def _work(spec, name, n, dtype):
     return buf
 
 
-def _flipout_signs(key, batch, n_in, n_out, dtype):
-    """Flipout's random signs (+-1 in ``dtype``) of a forward with ``key``: (batch, n_in) for the
-    inputs and (batch, n_out) for the outputs, from NumPy's generator seeded by the key (as vigrad.bnn)."""
-    signs = np.random.default_rng(key).integers(0, 2, size=(batch, n_in + n_out), dtype=np.int8)
-    signs = torch.from_numpy(signs).to(dtype).mul_(2).sub_(1)
-    return signs[:, :n_in], signs[:, n_in:]
+class _TorchProducts:
+    """The matrix products vigrad._layer_ops runs a layer on, for torch tensors: torch's BLAS
+    (addmm, mm) on torch's threads; the backward's work arrays are the module's (``spec.buffers``)."""
+
+    def __init__(self, spec, dtype):
+        self.spec, self.dtype = spec, dtype
+
+    @staticmethod
+    def linear(x, W, b):
+        return torch.addmm(b, x, W.t())
+
+    @staticmethod
+    def matmul(a, b):
+        return a @ b
+
+    @staticmethod
+    def matmul_add(out, a, b):
+        out += a @ b
+
+    @staticmethod
+    def param_grad(G, x, out):
+        k = G.shape[1] * x.shape[1]
+        torch.mm(G.t(), x, out=out[:k].view(G.shape[1], x.shape[1]))
+        torch.sum(G, 0, out=out[k:])
+        return out
+
+    def work(self, name, n):
+        return _work(self.spec, name, n, self.dtype)
+
+    def empty(self, n):
+        return torch.empty(n, dtype=self.dtype)
+
+    wrap = staticmethod(torch.from_numpy)
+
+    @staticmethod
+    def numpy(t):
+        return t.numpy()
+
+    @staticmethod
+    def sqrt(t):
+        return t.sqrt_()
 
 
 def _layer_backward(impl, ctx, *grads):
@@ -305,63 +346,32 @@ def _layer_backward(impl, ctx, *grads):
 
 
 def _fused_param_grads(ctx, spec, loc, rho, data, A, BC, gk):
-    """dF/dloc, dF/drho (None where not needed) for F = NLL + gk KL: one bbb_grad call on A (and B / C)."""
+    """dF/dloc, dF/drho (None where not needed) for F = NLL + gk KL: one fused bbb_grad call
+    (vigrad._layer_ops.ParamOps.param_grads) on the flat data gradients A (and B / C)."""
     kl_mode = spec.kl if gk != 0.0 else "none"
     # the KL value came from the forward's one-pass kernel: not formed again here
-    gl, gr, _, _ = spec.kernel(data, kl_mode, spec.key, _np(loc), _np(rho), A.numpy(),
-                               None if BC is None else BC.numpy(), *spec.params, gk, spec.workers, compute_kl=False)
+    gl, gr, _, _ = spec.ops.param_grads(data, kl_mode, spec.key, _np(loc), _np(rho), A.numpy(),
+                                        None if BC is None else BC.numpy(), gk, spec.workers, compute_kl=False)
     gl = torch.from_numpy(gl) if ctx.needs_input_grad[1] else None
     gr = torch.from_numpy(gr) if ctx.needs_input_grad[2] else None
     return gl, gr
 
 
 class _LinearFn(torch.autograd.Function):
-    """(y, kl) = the layer's sampled forward; backward: BLAS products in torch and one fused
-    bbb_grad call with kl_weight = grad_kl (mirrors vigrad.bnn.BayesianLinear)."""
+    """(y, kl) = the layer's sampled forward; backward: the products in torch and one fused
+    bbb_grad call with kl_weight = grad_kl.  The arithmetic is vigrad._layer_ops's, as for
+    vigrad.bnn.BayesianLinear."""
 
     @staticmethod
     def forward(ctx, x, loc, rho, spec):
-        n_in, n_out = spec.in_features, spec.out_features
-        k = n_in * n_out
-        P = k + n_out
-        dt = loc.dtype
-        x_in, x = x, x.detach()
-        loc_t, rho_t = loc.detach().contiguous(), rho.detach().contiguous()
-        loc_np, rho_np = loc_t.numpy(), rho_t.numpy()
-        M, mb = loc_t[:k].view(n_out, n_in), loc_t[k:]
-        key, est = spec.key, spec.estimator
         # the noise and the KL term at it in one pass (the KL's gradient is the one the backward
         # kernel adds, from the same key)
-        if est == "reparam":
-            w = torch.empty(P, dtype=dt)
-            klv = spec.noise_kernel("weights", spec.kl, key, loc_np, rho_np, w.numpy(), *spec.params, spec.workers)
-            W = w[:k].view(n_out, n_in)
-            y = torch.addmm(w[k:], x, W.t())
-            ctx.cache = (W,)
-        elif est == "flipout":
-            dw = torch.empty(P, dtype=dt)
-            klv = spec.noise_kernel("perturbation", spec.kl, key, loc_np, rho_np, dw.numpy(), *spec.params,
-                                    spec.workers)
-            dW, db = dw[:k].view(n_out, n_in), dw[k:]
-            Sg, R = _flipout_signs(key, x.shape[0], n_in, n_out, dt)
-            xs = x * Sg
-            y = torch.addmm(mb, x, M.t()) + torch.addmm(db, xs, dW.t()) * R
-            ctx.cache = (xs, Sg, R, dW, M)
-        else:  # local reparameterisation
-            klv = spec.noise_kernel("none", spec.kl, key, loc_np, rho_np, None, *spec.params, spec.workers)
-            sigma = torch.from_numpy(_core.softplus(rho_np, spec.workers))
-            var = sigma * sigma
-            V, vb = var[:k].view(n_out, n_in), var[k:]
-            x2 = x * x
-            std = torch.addmm(vb, x2, V.t()).sqrt_()
-            zeta = torch.empty((1, x.shape[0] * n_out), dtype=dt)
-            _core.standard_normal(key ^ _LOCAL_KEY_SALT, zeta.numpy(), spec.workers)
-            zeta = zeta.view(x.shape[0], n_out)
-            y = torch.addmm(mb, x, M.t()) + std * zeta
-            ctx.cache = (x2, V, std, zeta, M, sigma)
-        ctx.save_for_backward(x_in, loc, rho)
+        y, klv, ctx.cache = spec.ops.forward(_TorchProducts(spec, loc.dtype), spec.key, x.detach(),
+                                             loc.detach().contiguous(), rho.detach().contiguous(), kl=spec.kl,
+                                             workers=spec.workers)
+        ctx.save_for_backward(x, loc, rho)
         ctx.spec = spec
-        return y, torch.tensor(klv, dtype=dt)
+        return y, torch.tensor(klv, dtype=loc.dtype)
 
     @staticmethod
     def backward(ctx, grad_y, grad_kl):
@@ -371,47 +381,13 @@ class _LinearFn(torch.autograd.Function):
     def _backward(ctx, grad_y, grad_kl):
         x, loc, rho = ctx.saved_tensors
         spec = ctx.spec
-        n_in, n_out = spec.in_features, spec.out_features
-        k = n_in * n_out
-        P = k + n_out
         dt = loc.dtype
         need_x = ctx.needs_input_grad[0]
         need_p = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        G = grad_y if grad_y is not None else torch.zeros((x.shape[0], n_out), dtype=dt)
+        G = grad_y if grad_y is not None else torch.zeros((x.shape[0], spec.out_features), dtype=dt)
         gk = 0.0 if grad_kl is None else float(grad_kl.detach())
-        est = spec.estimator
-        grad_x = None
-        if need_p:
-            A = _work(spec, "A", P, dt)
-            torch.mm(G.t(), x, out=A[:k].view(n_out, n_in))
-            torch.sum(G, 0, out=A[k:])
-        BC = None
-        if est == "reparam":
-            (W,) = ctx.cache
-            if need_x:
-                grad_x = G @ W
-            data = "reparam"
-        elif est == "flipout":
-            xs, Sg, R, dW, M = ctx.cache
-            GR = G * R
-            if need_x:
-                grad_x = G @ M + (GR @ dW) * Sg
-            if need_p:
-                BC = _work(spec, "B", P, dt)
-                torch.mm(GR.t(), xs, out=BC[:k].view(n_out, n_in))
-                torch.sum(GR, 0, out=BC[k:])
-            data = "times_eps"
-        else:
-            x2, V, std, zeta, M, sigma = ctx.cache
-            H = G * zeta / (2.0 * std)
-            if need_x:
-                grad_x = G @ M + 2.0 * x * (H @ V)
-            if need_p:
-                BC = _work(spec, "B", P, dt)
-                torch.mm(H.t(), x2, out=BC[:k].view(n_out, n_in))
-                torch.sum(H, 0, out=BC[k:])
-                BC.mul_(sigma).mul_(2.0)  # dNLL/dsigma = 2 sigma dNLL/dvar
-            data = "direct"
+        grad_x, A, BC, data = spec.ops.backward(_TorchProducts(spec, dt), ctx.cache, G, need_x=need_x,
+                                                need_params=need_p)
         gl, gr = _fused_param_grads(ctx, spec, loc, rho, data, A, BC, gk) if need_p else (None, None)
         return grad_x, gl, gr, None
 
@@ -424,11 +400,9 @@ class _BayesianLayer(nn.Module):
 
     _estimators: Tuple[str, ...] = _ESTIMATORS
 
-    def _setup(self, *, prior, estimator, kl, init_rho, seed, dtype):
-        if not isinstance(estimator, str) or estimator not in self._estimators:
-            raise ValueError(f"estimator must be one of {', '.join(map(repr, self._estimators))}, got {estimator!r}")
-        self.estimator = estimator
-        self.prior = ScaleMixtureNormal(0.5, 1.0, math.exp(-6)) if prior is None else prior
+    def _setup(self, *, prior, estimator, kl, init_rho, seed, dtype, workers):
+        self.estimator = _ops.check_estimator(estimator, self._estimators)
+        self.prior = _ops.default_prior() if prior is None else prior
         _check_prior(self.prior)
         _check_kl(kl, self.prior)
         self.kl = kl
@@ -436,6 +410,12 @@ class _BayesianLayer(nn.Module):
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if dtype not in _NP_DTYPES:
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        # None: one thread or every core for vigrad's kernels, whichever the layer's forwards
+        # measure faster (vigrad._layer_ops.Threads): two threads help a large layer on an idle machine
+        # (784-400-400-10 step: 5.3 ms with two, 7.2 ms with one) and cost many times that when
+        # other work holds the cores
+        self.workers = resolve_workers(workers)
+        self._threads = _Threads(self.workers, workers is None)
         self._work_buffers = {}
         if seed is None:
             seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
@@ -518,21 +498,23 @@ class _BayesianLayer(nn.Module):
         return self.training if self.sampling is None else bool(self.sampling)
 
     def _next_draw(self):
-        """The key of this sampled forward (the counter of its stream advances), the core kernels
-        for the prior, the prior's flat parameters and a fresh KL record."""
+        """The key of this sampled forward (the counter of its stream advances), the number of
+        threads it runs on (its backward uses the same) and a fresh KL record."""
         stream = 0 if self.training else 1
         with torch.no_grad():
             step = int(self.noise_step[stream])
             key = derive_key(self.seed, step, stream)
             self.noise_step[stream] += 1
-        np_dtype = _NP_DTYPES[self.loc.dtype]
-        normal = isinstance(self.prior, Normal)
-        kernel = _core.bbb_grad_normal if normal else _core.bbb_grad_mixture
-        noise_kernel = _core.bbb_noise_kl_normal if normal else _core.bbb_noise_kl_mixture
-        return key, kernel, noise_kernel, _prior_flat(self.prior, np_dtype, (self.num_params,)), _KLRecord()
+        return key, self._threads.pick(), _KLRecord()
 
-    def _record(self, kl, spec):
+    def _sampled_forward(self, fn, x, spec):
+        """``fn.apply(x, loc, rho, spec)`` (a sampled forward), timed for the thread picker; records
+        the forward's KL term and key.  Returns the outputs."""
+        t0 = time.perf_counter()
+        y, kl = fn.apply(x, self.loc, self.rho, spec)
+        self._threads.record(spec.workers, time.perf_counter() - t0)
         self.last_kl, self.last_key, self._kl_record = kl, spec.key, spec.record
+        return y
 
 
 class BayesianLinear(_BayesianLayer):
@@ -560,7 +542,10 @@ class BayesianLinear(_BayesianLayer):
     dtype : torch.float32 or torch.float64, optional
         Default: torch.get_default_dtype().  ``module.to(torch.float64)`` converts later.
     workers : int or None
-        Threads for the core (None: vigrad.max_workers).
+        Threads for vigrad's kernels.  None: one thread or vigrad.max_workers, whichever the
+        layer's forwards measure faster, re-measured as the machine's load changes.  PyTorch's
+        own operations run on ``torch.get_num_threads()`` threads of the same OpenMP pool; see
+        the module's notes on threads.
 
     Attributes
     ----------
@@ -596,11 +581,8 @@ class BayesianLinear(_BayesianLayer):
         super().__init__()
         self.in_features = check_num_samples(in_features, "in_features")
         self.out_features = check_num_samples(out_features, "out_features")
-        self._setup(prior=prior, estimator=estimator, kl=kl, init_rho=init_rho, seed=seed, dtype=dtype)
-        # every core by default: inside PyTorch the matrix products run on torch's own pool, which
-        # does not hold the cores the way NumPy's OpenBLAS does (measured, 784-400-400-10 step:
-        # 5.3 ms with two threads, 7.2 ms with one)
-        self.workers = resolve_workers(workers)
+        self._setup(prior=prior, estimator=estimator, kl=kl, init_rho=init_rho, seed=seed, dtype=dtype,
+                    workers=workers)
         self.reset_parameters()
 
     @property
@@ -628,14 +610,15 @@ class BayesianLinear(_BayesianLayer):
         self._check_input(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        ops = _ops.LinearOps(self.in_features, self.out_features, self.estimator, self.prior,
+                             _NP_DTYPES[self.loc.dtype])
         if not self._samples():
-            y = nn.functional.linear(x2, self.weight_loc, self.bias_loc)
+            y = ops.mean(_TorchProducts(None, self.loc.dtype), x2, self.loc)
             return y.reshape(*lead, self.out_features)
-        key, kernel, noise_kernel, params, record = self._next_draw()
-        spec = _Spec(self.estimator, self.kl, key, kernel, noise_kernel, params, self.workers, self.in_features,
-                     self.out_features, self._work_buffers, record)
-        y, kl = _LinearFn.apply(x2, self.loc, self.rho, spec)
-        self._record(kl, spec)
+        key, nw, record = self._next_draw()
+        spec = _Spec(self.estimator, self.kl, key, ops, nw, self.in_features, self.out_features, self._work_buffers,
+                     record)
+        y = self._sampled_forward(_LinearFn, x2, spec)
         return y.reshape(*lead, self.out_features)
 
 
@@ -644,9 +627,7 @@ class _ConvSpec(NamedTuple):
     estimator: str
     kl: str
     key: int
-    kernel: object  # bbb_grad_normal / _mixture
-    noise_kernel: object  # bbb_noise_kl_normal / _mixture
-    params: tuple
+    ops: object  # the layer's vigrad._layer_ops.ParamOps (the noise and fused-gradient calls)
     workers: int
     weight_shape: tuple  # (out_channels, in_channels // groups, kh, kw)
     bias: bool
@@ -694,22 +675,22 @@ class _Conv2dFn(torch.autograd.Function):
         dt = loc.dtype
         x_in, x = x, x.detach()
         loc_t, rho_t = loc.detach().contiguous(), rho.detach().contiguous()
-        loc_np, rho_np = loc_t.numpy(), rho_t.numpy()
-        P = loc_t.shape[0]
-        noise = torch.empty(P, dtype=dt)
+        noise = torch.empty(loc_t.shape[0], dtype=dt)
+        # the noise and the KL term at it in one pass of the core, as for the linear layer
+        p = _TorchProducts(spec, dt)
         if spec.estimator == "reparam":
-            klv = spec.noise_kernel("weights", spec.kl, spec.key, loc_np, rho_np, noise.numpy(), *spec.params,
-                                    spec.workers)
+            klv = spec.ops.noise(p, "weights", spec.kl, spec.key, loc_t, rho_t, noise, spec.workers)
             W, b = _split_conv(noise, spec)
             y = _conv(spec, x, W, b)
             ctx.cache = (W,)
         else:  # Flipout (Wen et al. 2018): y = conv(x, M) + conv(x * s, dW) * r, signs per example and channel
-            klv = spec.noise_kernel("perturbation", spec.kl, spec.key, loc_np, rho_np, noise.numpy(), *spec.params,
-                                    spec.workers)
+            klv = spec.ops.noise(p, "perturbation", spec.kl, spec.key, loc_t, rho_t, noise, spec.workers)
             dW, db = _split_conv(noise, spec)
             M, mb = _split_conv(loc_t, spec)
-            Sg, R = _flipout_signs(spec.key, x.shape[0], x.shape[1], spec.weight_shape[0], dt)
-            Sg, R = Sg[:, :, None, None], R[:, :, None, None]
+            c_in, c_out = x.shape[1], spec.weight_shape[0]
+            # the linear layer's signs with the channels as features: (B, c_in) then (B, c_out)
+            signs = torch.from_numpy(_ops.flipout_signs(spec.key, 0, x.shape[0], c_in, c_out, spec.ops.dtype))
+            Sg, R = signs[:, :c_in, None, None], signs[:, c_in:, None, None]
             xs = x * Sg
             y = _conv(spec, x, M, mb).addcmul_(_conv(spec, xs, dW, db), R)
             ctx.cache = (xs, Sg, R, dW, M)
@@ -800,7 +781,8 @@ class BayesianConv2d(_BayesianLayer):
     dtype : torch.float32 or torch.float64, optional
         Default: torch.get_default_dtype().
     workers : int or None
-        Threads for the core (None: vigrad.max_workers).
+        Threads for vigrad's kernels, as for :class:`BayesianLinear` (None: one thread or
+        vigrad.max_workers, whichever the layer's forwards measure faster).
 
     Attributes
     ----------
@@ -858,8 +840,8 @@ class BayesianConv2d(_BayesianLayer):
             self._pad_extra = extra if any(extra) else None
         else:
             self._pad, self._pad_extra = self.padding, None
-        self._setup(prior=prior, estimator=estimator, kl=kl, init_rho=init_rho, seed=seed, dtype=dtype)
-        self.workers = resolve_workers(workers)
+        self._setup(prior=prior, estimator=estimator, kl=kl, init_rho=init_rho, seed=seed, dtype=dtype,
+                    workers=workers)
         self.reset_parameters()
 
     @property
@@ -911,12 +893,11 @@ class BayesianConv2d(_BayesianLayer):
             y = nn.functional.conv2d(x, self.weight_loc, self.bias_loc, self.stride, self._pad, self.dilation,
                                      self.groups)
         else:
-            key, kernel, noise_kernel, params, record = self._next_draw()
-            spec = _ConvSpec(self.estimator, self.kl, key, kernel, noise_kernel, params, self.workers,
-                             self.weight_shape, self.has_bias, self.stride, self._pad, self.dilation, self.groups,
-                             self._work_buffers, record)
-            y, kl = _Conv2dFn.apply(x, self.loc, self.rho, spec)
-            self._record(kl, spec)
+            key, nw, record = self._next_draw()
+            ops = _ops.ParamOps(self.num_params, self.prior, _NP_DTYPES[self.loc.dtype])
+            spec = _ConvSpec(self.estimator, self.kl, key, ops, nw, self.weight_shape, self.has_bias, self.stride,
+                             self._pad, self.dilation, self.groups, self._work_buffers, record)
+            y = self._sampled_forward(_Conv2dFn, x, spec)
         return y.squeeze(0) if unbatched else y
 
 

@@ -24,6 +24,7 @@
 #include "priors.hpp"
 
 namespace vigrad::core {
+VIGRAD_ISA_BEGIN
 
 // buf[i] = draw (key, 0, j0 + i) for i < m; j0 must be a multiple of the draws per counter.
 // Straight into buf, without for_each_normal_run's row bookkeeping.
@@ -40,10 +41,6 @@ inline void normals_row0(PhiloxKey key, std::int64_t j0, std::int64_t m, Real* b
   }
 }
 
-enum class NoiseUse { kWeights, kPerturbation, kNone };
-
-enum class DataGrad { kReparam, kTimesEps, kDirect };
-enum class KLPart { kNone, kMC, kAnalytic };
 
 // One element's KL term.  MC: log q(w) - log p(w) at w = loc + sigma eps, with lp = log p(w).
 // Analytic: KL[N(loc, sigma^2) || N(m, s^2)] with inv_ps2 = 1 / s^2, dm = loc - m.
@@ -230,4 +227,5 @@ void adam_update(Real* p, const Real* g, Real* m, Real* v, std::int64_t n, std::
   });
 }
 
+VIGRAD_ISA_END
 }  // namespace vigrad::core

@@ -22,6 +22,7 @@
 #include "parallel.hpp"
 
 namespace vigrad::core {
+VIGRAD_ISA_BEGIN
 
 // Samples per parallel block in the per-sample kernels.
 inline constexpr std::int64_t kSampleBlock = 4;
@@ -258,7 +259,6 @@ inline void project(const double* WT, std::int64_t d, std::int64_t r, const Real
   }
 }
 
-inline constexpr std::int64_t kMaxRank = 256;
 
 // log q(z[s]) by Woodbury: res^T Sigma^-1 res = sum res^2 / D^2 - t^T C^-1 t, t = W^T res.
 // `res`: S * d scratch.
@@ -380,4 +380,5 @@ void lowrank_pathwise_grad(const Real* diag, const Real* UT, const double* WT, c
   });
 }
 
+VIGRAD_ISA_END
 }  // namespace vigrad::core

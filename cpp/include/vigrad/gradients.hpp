@@ -15,14 +15,14 @@
 #include "parallel.hpp"
 
 namespace vigrad::core {
+VIGRAD_ISA_BEGIN
 
-// How the KL part enters the pathwise estimator.
+// How the KL part enters the pathwise estimator (KLMode, declared in kernels.hpp).
 //  kMC:       log q(w) - log p(w) inside the expectation, both paths of Proposition 1
 //             (through w, and the direct d/dtheta of log q); exact for any prior.
 //  kSTL:      as kMC but without the direct score term d log q / dtheta
 //             (sticking the landing, Roeder et al. 2017): zero variance at the optimum.
 //  kAnalytic: closed-form KL[q || Normal] and its exact gradient.
-enum class KLMode { kMC, kSTL, kAnalytic };
 
 template <class Real> struct Accum { using type = double; };
 
@@ -138,7 +138,6 @@ double kl_normal(const Real* loc, const Real* rho, std::int64_t D, const Prior& 
   return kl;
 }
 
-enum class Baseline { kNone, kConstant, kLeaveOneOut };
 
 // Score-function (REINFORCE) gradient of E_q[f]:
 //   mean_s (f_s - b_s) d log q(w_s) / dtheta,
@@ -188,4 +187,5 @@ bool score_grad(const Real* loc, const Real* rho, const Real* eps, const Real* f
   return !bad.load();
 }
 
+VIGRAD_ISA_END
 }  // namespace vigrad::core

@@ -7,6 +7,7 @@
 #include "config.hpp"
 
 namespace vigrad::core {
+VIGRAD_ISA_BEGIN
 
 template <class Real> inline constexpr Real kHalfLog2Pi = Real(0.91893853320467274178);
 
@@ -38,4 +39,5 @@ inline Real softplus_inv(Real y) {
   return y + std::log(-std::expm1(-y));
 }
 
+VIGRAD_ISA_END
 }  // namespace vigrad::core

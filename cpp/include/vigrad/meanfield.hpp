@@ -12,6 +12,7 @@
 #include "philox.hpp"
 
 namespace vigrad::core {
+VIGRAD_ISA_BEGIN
 
 // out[s, j] = standard normal draw (key, s, j).
 template <class Real>
@@ -57,7 +58,6 @@ void sample(std::uint64_t key, const Real* loc, const Real* scale, std::int64_t 
   });
 }
 
-enum class Transform { kSoftplus, kSoftplusInv, kSigmoid };
 
 template <class Real>
 void transform(Transform t, const Real* x, std::int64_t n, Real* y, int workers) {
@@ -161,4 +161,5 @@ void prior_grad_log_prob(const Prior& prior, const Real* w, std::int64_t S, std:
   });
 }
 
+VIGRAD_ISA_END
 }  // namespace vigrad::core

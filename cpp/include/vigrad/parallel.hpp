@@ -15,6 +15,7 @@
 #endif
 
 namespace vigrad::core {
+VIGRAD_ISA_BEGIN
 
 // Elements per block.  Small enough that a block's scratch arrays live on the
 // stack and in L1/L2, large enough that scheduling costs nothing.
@@ -81,4 +82,5 @@ inline bool all_finite(const T* x, std::int64_t n) {
   return bad == 0;
 }
 
+VIGRAD_ISA_END
 }  // namespace vigrad::core

@@ -14,6 +14,7 @@
 #include "config.hpp"
 
 namespace vigrad::core {
+VIGRAD_ISA_BEGIN
 
 struct PhiloxKey {
   std::uint32_t k0, k1;
@@ -193,4 +194,5 @@ inline void for_each_normal_run(PhiloxKey key, std::int64_t D, std::int64_t f_be
 // Counters in one parallel block of the flat counter space.
 inline constexpr std::int64_t kCounterBlock = 1024;
 
+VIGRAD_ISA_END
 }  // namespace vigrad::core

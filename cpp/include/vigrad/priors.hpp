@@ -11,6 +11,7 @@
 #include "math.hpp"
 
 namespace vigrad::core {
+VIGRAD_ISA_BEGIN
 
 template <class Real, bool Array>
 struct NormalPrior;
@@ -137,4 +138,5 @@ struct FlatPrior {
   Real grad(std::int64_t, Real) const { return Real(0); }
 };
 
+VIGRAD_ISA_END
 }  // namespace vigrad::core
