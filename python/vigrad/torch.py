@@ -335,26 +335,43 @@ class _TorchProducts:
         return t.sqrt_()
 
 
-def _layer_backward(impl, ctx, *grads):
-    """A layer function's backward: marks the forward's KL term consumed (see :func:`kl_loss`), runs
-    ``impl`` without building a graph, and under create_graph=True guards against double backward."""
+def _layer_forward_done(ctx, x, loc, rho, spec, y, klv):
+    """What a layer function's forward keeps for :func:`_layer_backward`; returns (y, the KL value as
+    a 0-d tensor)."""
+    ctx.save_for_backward(x, loc, rho)
+    ctx.spec, ctx.out_shape = spec, tuple(y.shape)
+    return y, torch.tensor(klv, dtype=loc.dtype)
+
+
+def _layer_backward(data_grads, ctx, grad_y, grad_kl):
+    """The backward of a layer function (linear or convolution) for L = sum(grad_y * y) + grad_kl * KL.
+
+    Marks the forward's KL term consumed (see :func:`kl_loss`); ``data_grads(ctx, x, G, need_x,
+    need_params)`` gives ``(grad_x, A, B_or_C, data)``, the gradient in x and the flat data gradients
+    of the layer's shape (as vigrad._layer_ops.LinearOps.backward); one fused bbb_grad call
+    (vigrad._layer_ops.ParamOps.param_grads, kl_weight = grad_kl) turns them into the gradients in
+    loc and rho.  No graph is built; under create_graph=True a second differentiation raises."""
     ctx.spec.record.consumed = True
     create_graph = torch.is_grad_enabled()
     with torch.no_grad():
-        out = impl(ctx, *grads)
-    return _guard_double_backward(out, ctx.saved_tensors) if create_graph else out
-
-
-def _fused_param_grads(ctx, spec, loc, rho, data, A, BC, gk):
-    """dF/dloc, dF/drho (None where not needed) for F = NLL + gk KL: one fused bbb_grad call
-    (vigrad._layer_ops.ParamOps.param_grads) on the flat data gradients A (and B / C)."""
-    kl_mode = spec.kl if gk != 0.0 else "none"
-    # the KL value came from the forward's one-pass kernel: not formed again here
-    gl, gr, _, _ = spec.ops.param_grads(data, kl_mode, spec.key, _np(loc), _np(rho), A.numpy(),
-                                        None if BC is None else BC.numpy(), gk, spec.workers, compute_kl=False)
-    gl = torch.from_numpy(gl) if ctx.needs_input_grad[1] else None
-    gr = torch.from_numpy(gr) if ctx.needs_input_grad[2] else None
-    return gl, gr
+        x, loc, rho = ctx.saved_tensors
+        spec = ctx.spec
+        need_x = ctx.needs_input_grad[0]
+        need_p = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        G = grad_y if grad_y is not None else torch.zeros(ctx.out_shape, dtype=loc.dtype)
+        grad_x, A, BC, data = data_grads(ctx, x, G, need_x, need_p)
+        gl = gr = None
+        if need_p:
+            gk = 0.0 if grad_kl is None else float(grad_kl.detach())
+            kl_mode = spec.kl if gk != 0.0 else "none"
+            # the KL value came from the forward's one-pass kernel: not formed again here
+            gl, gr, _, _ = spec.ops.param_grads(data, kl_mode, spec.key, _np(loc), _np(rho), A.numpy(),
+                                                None if BC is None else BC.numpy(), gk, spec.workers,
+                                                compute_kl=False)
+            gl = torch.from_numpy(gl) if ctx.needs_input_grad[1] else None
+            gr = torch.from_numpy(gr) if ctx.needs_input_grad[2] else None
+        grads = (grad_x, gl, gr, None)
+    return _guard_double_backward(grads, ctx.saved_tensors) if create_graph else grads
 
 
 class _LinearFn(torch.autograd.Function):
@@ -369,27 +386,16 @@ class _LinearFn(torch.autograd.Function):
         y, klv, ctx.cache = spec.ops.forward(_TorchProducts(spec, loc.dtype), spec.key, x.detach(),
                                              loc.detach().contiguous(), rho.detach().contiguous(), kl=spec.kl,
                                              workers=spec.workers)
-        ctx.save_for_backward(x, loc, rho)
-        ctx.spec = spec
-        return y, torch.tensor(klv, dtype=loc.dtype)
+        return _layer_forward_done(ctx, x, loc, rho, spec, y, klv)
 
     @staticmethod
     def backward(ctx, grad_y, grad_kl):
-        return _layer_backward(_LinearFn._backward, ctx, grad_y, grad_kl)
+        return _layer_backward(_LinearFn._data_grads, ctx, grad_y, grad_kl)
 
     @staticmethod
-    def _backward(ctx, grad_y, grad_kl):
-        x, loc, rho = ctx.saved_tensors
-        spec = ctx.spec
-        dt = loc.dtype
-        need_x = ctx.needs_input_grad[0]
-        need_p = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        G = grad_y if grad_y is not None else torch.zeros((x.shape[0], spec.out_features), dtype=dt)
-        gk = 0.0 if grad_kl is None else float(grad_kl.detach())
-        grad_x, A, BC, data = spec.ops.backward(_TorchProducts(spec, dt), ctx.cache, G, need_x=need_x,
-                                                need_params=need_p)
-        gl, gr = _fused_param_grads(ctx, spec, loc, rho, data, A, BC, gk) if need_p else (None, None)
-        return grad_x, gl, gr, None
+    def _data_grads(ctx, x, G, need_x, need_params):
+        return ctx.spec.ops.backward(_TorchProducts(ctx.spec, G.dtype), ctx.cache, G, need_x=need_x,
+                                     need_params=need_params)
 
 
 class _BayesianLayer(nn.Module):
@@ -694,25 +700,18 @@ class _Conv2dFn(torch.autograd.Function):
             xs = x * Sg
             y = _conv(spec, x, M, mb).addcmul_(_conv(spec, xs, dW, db), R)
             ctx.cache = (xs, Sg, R, dW, M)
-        ctx.save_for_backward(x_in, loc, rho)
-        ctx.spec = spec
-        ctx.out_shape = tuple(y.shape)
-        return y, torch.tensor(klv, dtype=dt)
+        return _layer_forward_done(ctx, x_in, loc, rho, spec, y, klv)
 
     @staticmethod
     def backward(ctx, grad_y, grad_kl):
-        return _layer_backward(_Conv2dFn._backward, ctx, grad_y, grad_kl)
+        return _layer_backward(_Conv2dFn._data_grads, ctx, grad_y, grad_kl)
 
     @staticmethod
-    def _backward(ctx, grad_y, grad_kl):
-        x, loc, rho = ctx.saved_tensors
+    def _data_grads(ctx, x, G, need_x, need_p):
+        """dNLL/dx and the flat data gradients for the fused kernel, from torch's convolution backward."""
         spec = ctx.spec
-        dt = loc.dtype
-        P = loc.shape[0]
-        need_x = ctx.needs_input_grad[0]
-        need_p = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        G = grad_y if grad_y is not None else torch.zeros(ctx.out_shape, dtype=dt)
-        gk = 0.0 if grad_kl is None else float(grad_kl.detach())
+        dt = G.dtype
+        P = spec.ops.num_params
         A = BC = None
         if spec.estimator == "reparam":
             (W,) = ctx.cache
@@ -731,8 +730,7 @@ class _Conv2dFn(torch.autograd.Function):
                 A = _fill_flat(_work(spec, "A", P, dt), spec, gM, gmb)
                 BC = _fill_flat(_work(spec, "B", P, dt), spec, gdW, gdb)
             data = "times_eps"
-        gl, gr = _fused_param_grads(ctx, spec, loc, rho, data, A, BC, gk) if need_p else (None, None)
-        return grad_x, gl, gr, None
+        return grad_x, A, BC, data
 
 
 def _pair(v, name, minimum):
