@@ -9,7 +9,8 @@ tensors) are thin front ends over this module.  It holds, once:
   and "flipout" (Wen et al. 2018: one perturbation shared by the minibatch, decorrelated per
   example by random signs of inputs and outputs);
 - the backward pass up to the data gradients the fused core kernel takes (:meth:`LinearOps.backward`),
-  and that kernel, which adds the KL part and assembles dF/dloc, dF/drho (:meth:`LinearOps.param_grads`);
+  and that kernel, which adds the KL part and assembles dF/dloc, dF/drho (:meth:`ParamOps.param_grads`,
+  shared with vigrad.torch's convolution, as is the forward's noise call :meth:`ParamOps.noise`);
 - the keys: :func:`derive_keys` (a pure function of (base, step, sample)), the salt of the local
   estimator's per-example draws, the Flipout signs; and the default prior and the argument checks.
 
@@ -38,7 +39,7 @@ import numpy as np
 from . import _blas, _core
 from .distributions import Normal, ScaleMixtureNormal
 
-__all__ = ["ESTIMATORS", "KL_MODES", "LOCAL_KEY_SALT", "LinearOps", "NumpyProducts", "Saved", "Threads",
+__all__ = ["ESTIMATORS", "KL_MODES", "LOCAL_KEY_SALT", "LinearOps", "NumpyProducts", "ParamOps", "Saved", "Threads",
            "check_estimator", "check_kl", "check_prior", "default_prior", "derive_keys", "flipout_signs",
            "local_noise", "split"]
 
@@ -56,9 +57,10 @@ def default_prior():
     return ScaleMixtureNormal(0.5, 1.0, math.exp(-6))
 
 
-def check_estimator(estimator) -> str:
-    if not isinstance(estimator, str) or estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {', '.join(map(repr, ESTIMATORS))}, got {estimator!r}")
+def check_estimator(estimator, choices=ESTIMATORS) -> str:
+    """``estimator`` one of ``choices`` (a layer that has no use for some estimator passes fewer)."""
+    if not isinstance(estimator, str) or estimator not in choices:
+        raise ValueError(f"estimator must be one of {', '.join(map(repr, choices))}, got {estimator!r}")
     return estimator
 
 
@@ -265,29 +267,20 @@ class Saved(NamedTuple):
     sigma: Any = None  # local: softplus(rho), flat
 
 
-class LinearOps:
-    """The operations of a Bayesian linear layer (n_in -> n_out) for one estimator, prior and dtype.
+class ParamOps:
+    """The core's two calls on a layer's flat mean-field Gaussian (``num_params`` weights, any layer
+    shape) under one prior and dtype: the noise with the KL value at it (:meth:`noise`, the forward)
+    and the fused gradient kernel (:meth:`param_grads`, the backward).  :class:`LinearOps` adds the
+    linear layer's products; vigrad.torch's convolution uses these two calls around torch's conv2d."""
 
-    The parameters are flat (weights (n_out, n_in) row-major, then biases), as are the gradients
-    the fused kernel returns.  ``p`` in every method is the front end's products (see the module's
-    docstring); ``loc`` and ``rho`` are C-contiguous arrays of the front end's type whose memory
-    ``p.numpy`` hands to the core without a copy."""
-
-    def __init__(self, n_in: int, n_out: int, estimator: str, prior, dtype):
-        self.n_in, self.n_out = n_in, n_out
-        self.num_params = n_in * n_out + n_out
-        self.estimator = check_estimator(estimator)
+    def __init__(self, num_params: int, prior, dtype):
+        self.num_params = num_params
         self.prior = check_prior(prior)
         self.dtype = np.dtype(dtype)
         normal = isinstance(prior, Normal)
         self.grad_kernel = _core.bbb_grad_normal if normal else _core.bbb_grad_mixture
         self.noise_kernel = _core.bbb_noise_kl_normal if normal else _core.bbb_noise_kl_mixture
         self.prior_params = prior._flat_params(self.dtype, (self.num_params,))
-
-    def mean(self, p, x, loc):
-        """Outputs with the mean weights: x M^T + mu_b (no noise)."""
-        M, mb = split(loc, self.n_in, self.n_out)
-        return p.linear(x, M, mb)
 
     def noise(self, p, use, kl, key, loc, rho, out, workers) -> Optional[float]:
         """The noise of ``key`` into ``out`` (use "weights": loc + sigma eps; "perturbation": sigma eps;
@@ -298,6 +291,32 @@ class LinearOps:
         klv = self.noise_kernel(use, kl, key, p.numpy(loc), p.numpy(rho), None if out is None else p.numpy(out),
                                 *self.prior_params, workers)
         return None if kl == "none" else klv
+
+    def param_grads(self, data, kl, key, loc, rho, A, BC, kl_weight, workers, **kw):
+        """The fused kernel (NumPy arrays): dF/dloc, dF/drho for F = NLL + kl_weight KL from the data
+        gradients (see :meth:`LinearOps.backward`), the KL part (kl "mc", "analytic" or "none") at the
+        weights of ``key`` regenerated from it.  Returns ``(grad_loc, grad_rho, kl_value, finite)``; ``kw``
+        passes the kernel's options (out_loc / out_rho / accumulate, compute_kl, a fused Adam step)."""
+        return self.grad_kernel(data, kl, key, loc, rho, A, BC, *self.prior_params, kl_weight, workers, **kw)
+
+
+class LinearOps(ParamOps):
+    """The operations of a Bayesian linear layer (n_in -> n_out) for one estimator, prior and dtype.
+
+    The parameters are flat (weights (n_out, n_in) row-major, then biases), as are the gradients
+    the fused kernel returns.  ``p`` in every method is the front end's products (see the module's
+    docstring); ``loc`` and ``rho`` are C-contiguous arrays of the front end's type whose memory
+    ``p.numpy`` hands to the core without a copy."""
+
+    def __init__(self, n_in: int, n_out: int, estimator: str, prior, dtype):
+        self.estimator = check_estimator(estimator)
+        super().__init__(n_in * n_out + n_out, prior, dtype)
+        self.n_in, self.n_out = n_in, n_out
+
+    def mean(self, p, x, loc):
+        """Outputs with the mean weights: x M^T + mu_b (no noise)."""
+        M, mb = split(loc, self.n_in, self.n_out)
+        return p.linear(x, M, mb)
 
     def forward(self, p, key, x, loc, rho, *, kl="none", noise_out=None, row_offset=0, workers=1):
         """The sampled forward of the rows ``[row_offset, row_offset + B)`` of a minibatch.
@@ -372,10 +391,3 @@ class LinearOps:
             grad_x *= 2.0
             p.matmul_add(grad_x, G, saved.M)
         return grad_x, A, BC, "direct"
-
-    def param_grads(self, data, kl, key, loc, rho, A, BC, kl_weight, workers, **kw):
-        """The fused kernel (NumPy arrays): dF/dloc, dF/drho for F = NLL + kl_weight KL from the data
-        gradients of :meth:`backward`, the KL part (kl "mc", "analytic" or "none") at the weights
-        of ``key`` regenerated from it.  Returns ``(grad_loc, grad_rho, kl_value, finite)``; ``kw``
-        passes the kernel's options (out_loc / out_rho / accumulate, compute_kl, a fused Adam step)."""
-        return self.grad_kernel(data, kl, key, loc, rho, A, BC, *self.prior_params, kl_weight, workers, **kw)
