@@ -6,6 +6,7 @@ for the engine, the same split run in this process (equal to the bit).
 
 import contextlib
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -442,3 +443,14 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(vgd, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_readme_example_runs(tmp_path):
+    """The README's "Past one machine" example, as a user runs it (its own LocalCluster)."""
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("### Past one machine")[1].split("```python\n")[1].split("```")[0]
+    script = tmp_path / "example.py"
+    script.write_text(block)
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "sharded fit on 2 Dask workers" in run.stderr and "epoch    3/3" in run.stderr

@@ -700,8 +700,10 @@ class BayesianMLP:
             Dask (a nanny restarts it) and its part computed again: the same bits.  A lost
             scheduler or workers silent for ``vigrad.distributed.TIMEOUT`` seconds raise
             :class:`vigrad.distributed.ShardError` naming the step, with the model at the start of
-            that step as a fit stopped there.  Why the data travels this way:
-            ``vigrad.distributed._MinibatchShards``.
+            that step as a fit stopped there.  Indices rather than rows travel because they are
+            smaller on every step's critical path: B x 8 bytes against B x (D + 1) x dtype size
+            (the comparison in full, with the cost of the placement:
+            ``vigrad.distributed._MinibatchShards``).
         shards : int, optional
             The number of parts of each minibatch, 1 <= shards <= batch_size; default: one per
             worker of ``client``.  Without a client, ``shards=k`` computes the same k parts in this
@@ -709,10 +711,11 @@ class BayesianMLP:
             and one with ``shards=k`` give the same bits.  Against the unsharded fit the gradient
             differs by the order of its sums only (measured on the digits, 64-32-10, 2 epochs,
             every estimator: the parameters differ by at most one ulp of their largest entries,
-            4.8e-7 in float32 and 8.9e-16 in float64; see tests/test_distributed.py).  A sharded fit takes the optimiser's separate update
-            (the same Adam kernel), never the update fused into the backward pass.  The
-            per-example noise of "local" and "flipout" is keyed by the row's position in the
-            minibatch, so each example gets the noise it gets unsharded.
+            4.8e-7 in float32 and 8.9e-16 in float64; see tests/test_distributed.py).  A sharded
+            fit takes the optimiser's separate update (the same Adam kernel), never the update
+            fused into the backward pass.  The per-example noise of "local" and "flipout" is keyed
+            by the row's position in the minibatch (not by the row's index in X), so each example
+            gets the noise it gets unsharded.
 
         Returns
         -------

@@ -196,8 +196,13 @@ class _OnCluster:
     def __init__(self, client, make, slots: int, copies: int):
         self.client, self.make, self.copies = client, make, copies
         self.futures: list = [None] * slots
-        for i in range(slots):
-            self.futures[i] = self.place(i)
+        try:
+            for i in range(slots):
+                self.futures[i] = self.place(i)
+        except ShardError:
+            raise
+        except Exception as exc:
+            raise ShardError(f"could not place the data on the workers: {type(exc).__name__}: {exc}") from exc
 
     def _keys(self, slot):
         f = self.futures[slot]
@@ -526,16 +531,19 @@ class _MinibatchShards:
     (c) place a partition of the training set (N / k rows per worker) and let each worker take the
         minibatch rows of its part.
 
-    This is (b).  For 784-400-400-10 in float32 on two shards (15.3 MB of parameters and gradients
-    per step), (a) adds 0.40 MB per step at batch 128 and 12.9 MB at batch 4096; (b) 1 kB and
-    33 kB.  Its placement (N x (D + 1) numbers per worker, once) costs what (a) sends in one epoch
-    on one worker.  (c) would hold N / k rows per worker instead of N, but a minibatch's rows fall
-    into the parts at random, so the parts' sizes vary from step to step (the slowest sets the
-    pace) and each worker would need the noise of scattered positions; and BayesianMLP.fit takes X
-    as one array in this process, so the training set fits one machine anyway.  All three give the
-    same bits: the same rows with the same noise, and only integers and parameters in transit,
-    which arrive as they left.  A worker that dies takes its copy with it; the shard's task is
-    run again after the copy is placed again from this process (no step is lost or changed).
+    This is (b), because every step waits for its slowest message: for 784-400-400-10 in float32
+    on two shards (15.3 MB of parameters and gradients per step), (a) adds 0.40 MB per step at
+    batch 128 and 12.9 MB at batch 4096, (b) 1 kB and 33 kB.  The placement is paid once, before
+    the first step: N x (D + 1) numbers to each of k workers, in total what (a) sends in k epochs
+    (so in bytes summed over a fit (b) wins when it runs for more epochs than there are workers;
+    per step it always does).  (c) would hold N / k rows per worker instead of N, but a
+    minibatch's rows fall into the parts at random, so the parts' sizes vary from step to step
+    (the slowest sets the pace) and each worker would need the noise of scattered positions; and
+    BayesianMLP.fit takes X as one array in this process, so the training set fits one machine
+    anyway.  All three give the same bits: the same rows with the same noise, and only integers
+    and parameters in transit, which arrive as they left.  A worker that dies takes its copy
+    with it; the shard's task is run again after the copy is placed again from this process (no
+    step is lost or changed).
     """
 
     def __init__(self, model, X, y, shards: int, client=None):
