@@ -191,6 +191,10 @@ def test_a_closed_client_is_a_clear_error(data):
         lj(np.zeros((2, D)))
     with pytest.raises(ValueError, match="client must be running"):
         vgd.shard_log_joint(logistic_log_lik, (X, y), client=c)
+    m = vg.BayesianMLP([D, 4, 2], likelihood="categorical", rng=0)
+    with pytest.raises(ValueError, match="client must be running, got status 'closed'"):
+        m.fit(X[:100], y[:100].astype(int), epochs=1, batch_size=50, client=c)
+    assert m._opt_state is None
 
 
 # -- BayesianMLP.fit on a client -------------------------------------------------------------------
@@ -254,12 +258,13 @@ def test_bnn_fit_on_the_cluster_gives_the_bits_of_the_local_split(digits, client
 
 def test_bnn_gaussian_learned_noise_two_samples_more_shards_than_workers(client):
     """The other paths of a step: the Gaussian likelihood with its learned noise scale (its own
-    gradient entry), two weight samples, clipping, a minibatch in 3 parts on 2 workers, and a last
-    minibatch with fewer rows than shards (194 = 3 x 64 + 2: its 2 rows in 3 parts)."""
+    gradient entry), two weight samples, clipping, another optimiser (SGD with momentum), a
+    minibatch in 3 parts on 2 workers, and a last minibatch with fewer rows than shards
+    (194 = 3 x 64 + 2: its 2 rows in 3 parts)."""
     rng = np.random.default_rng(3)
     X = rng.normal(size=(194, 64))
     y = np.tanh(X[:, :3].sum(axis=1))
-    kw = dict(epochs=3, batch_size=64, clip_norm=50.0)
+    kw = dict(epochs=3, batch_size=64, clip_norm=50.0, optimizer=vg.optim.sgd(1e-4, momentum=0.9))
     remote = _mlp("flipout", np.float64, "gaussian", num_samples=2)
     remote.fit(X, y, client=client, shards=3, **kw)
     local = _mlp("flipout", np.float64, "gaussian", num_samples=2)
@@ -341,8 +346,8 @@ def test_bnn_fit_progress_names_the_workers_shards_and_bytes(digits, client, cap
 
 
 @pytest.mark.parametrize("kw,exc,match", [
-    (dict(shards=0), ValueError, r"shards must be between 1 and the rows of a minibatch, batch_size = \(16\), got 0"),
-    (dict(shards=17), ValueError, r"shards must be between 1 and the rows of a minibatch, batch_size = \(16\), got 17"),
+    (dict(shards=0), ValueError, r"shards must be between 1 and the rows of a minibatch \(batch_size 16\), got 0"),
+    (dict(shards=17), ValueError, r"shards must be between 1 and the rows of a minibatch \(batch_size 16\), got 17"),
     (dict(shards=2.0), TypeError, "shards must be an int, got float"),
     (dict(client=object()), TypeError, "client must be a dask.distributed.Client or None, got object"),
 ])

@@ -62,7 +62,8 @@ def split_rows(n: int, shards: int) -> list[tuple[int, int]]:
     """The row ranges ``[start, stop)`` of ``shards`` contiguous shards of ``n`` rows.
 
     The first ``n % shards`` shards get one row more (as ``numpy.array_split``).  The split depends
-    on ``n`` and ``shards`` only; with ``n < shards`` the last shards are empty.
+    on ``n`` and ``shards`` only; with ``n < shards`` the last shards are empty.  (A pure function:
+    nothing is sent anywhere.)
 
     >>> split_rows(10, 3)
     [(0, 4), (4, 7), (7, 10)]
@@ -94,7 +95,7 @@ def _check_shards(shards, most: int, what: str) -> int:
         raise TypeError(f"shards must be an int, got {type(shards).__name__}")
     shards = int(shards)
     if not 1 <= shards <= most:
-        raise ValueError(f"shards must be between 1 and {what} ({most}), got {shards}")
+        raise ValueError(f"shards must be between 1 and {what.format(most)}, got {shards}")
     return shards
 
 
@@ -445,7 +446,7 @@ def shard_log_joint(log_lik: Callable, data: Sequence, *, client=None, log_prior
     n_workers = None if client is None else _check_client(client)
     if shards is None:
         shards = n_workers if client is not None else 1
-    shards = _check_shards(shards, n, "the number of rows")
+    shards = _check_shards(shards, n, "the number of rows ({})")
     return _ShardedLogJoint(log_lik, arrays, n, shards, client, log_prior)
 
 
@@ -507,7 +508,7 @@ def _check_fit_shards(client, shards, batch_rows: int):
     n_workers = None if client is None else _check_client(client)
     if shards is None:
         shards = n_workers
-    return _check_shards(shards, batch_rows, "the rows of a minibatch, batch_size =")
+    return _check_shards(shards, batch_rows, "the rows of a minibatch (batch_size {})")
 
 
 class _MinibatchShards:
