@@ -459,3 +459,17 @@ def test_readme_example_runs(tmp_path):
     run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "sharded fit on 2 Dask workers" in run.stderr and "epoch    3/3" in run.stderr
+
+
+def test_bnn_history_timing_lines_up_with_the_epochs(digits, tmp_path):
+    """Entry e of "seconds" is epoch e's, also when the first epochs were trained unsharded."""
+    X, y = digits[0][:256], digits[1][:256]
+    path = tmp_path / "m.npz"
+    m = _mlp()
+    m.fit(X, y, epochs=1, batch_size=64, checkpoint=path)
+    assert "seconds" not in m.history
+    r = _mlp()
+    r.fit(X, y, epochs=3, batch_size=64, shards=2, checkpoint=path, resume=True)
+    assert len(r.history["loss"]) == len(r.history["seconds"]) == len(r.history["wait_seconds"]) == 3
+    assert np.isnan(r.history["seconds"][0]) and np.isnan(r.history["wait_seconds"][0])
+    assert all(0.0 <= w <= s for w, s in zip(r.history["wait_seconds"][1:], r.history["seconds"][1:]))
