@@ -228,6 +228,17 @@ class _OnCluster:
                 self.client.replicate(fut, n=self.copies)
         return fut
 
+    def _place_again(self, slot, tries=3):
+        """place(slot) while workers come and go: a worker listed a moment ago may be gone when
+        the data reaches the scheduler (a KeyError there); try again half a second later."""
+        for attempt in range(tries):
+            try:
+                return self.place(slot)
+            except Exception:
+                if attempt + 1 == tries or self.client.status != "running":
+                    raise
+                time.sleep(0.5)
+
     def submit(self, tasks):
         """Send the tasks ``[(slot, fn, args)]``; returns the handle :meth:`wait` takes."""
         client = self.client
@@ -312,7 +323,7 @@ class _OnCluster:
             if attempt + 1 < self.MAX_PLACEMENTS:
                 try:
                     for slot in sorted({tasks[j][0] for j in lost}):
-                        self.futures[slot] = self.place(slot)
+                        self.futures[slot] = self._place_again(slot)
                 except Exception as exc:
                     if self.client.status != "running":
                         raise self._lost_scheduler(what) from exc
