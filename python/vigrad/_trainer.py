@@ -199,6 +199,16 @@ class History:
         self.record["loss"].append(nll / rows + self.record["kl"][-1] / self.N)
         self._sums = [0.0, 0.0, 0]
 
+    def add_timing(self, seconds: float, wait_seconds: float) -> None:
+        """A sharded fit's epoch: "seconds", the wall time of its steps, and "wait_seconds", the part
+        spent waiting for the shards' gradients, after :meth:`end_epoch`.  Only sharded fits record
+        them (the history of an unsharded fit is a pure function of the seed, compared bit for
+        bit): epochs trained before, unsharded, get NaN, so that entry e is epoch e's."""
+        for key, value in (("seconds", seconds), ("wait_seconds", wait_seconds)):
+            values = self.record.setdefault(key, [])
+            values.extend([math.nan] * (len(self.record["loss"]) - 1 - len(values)))
+            values.append(value)
+
     def add_validation(self, nll: float, metric: float) -> None:
         self.record.setdefault("val_nll", []).append(nll)
         self.record.setdefault(self.metric, []).append(metric)
@@ -210,6 +220,8 @@ class History:
                f"kl {r['kl'][-1]:.1f}")
         if len(r.get("val_nll", ())) == len(r["loss"]):
             out += f"  val_nll {r['val_nll'][-1]:.4f}"
+        if len(r.get("wait_seconds", ())) == len(r["loss"]):
+            out += f"  waited {r['wait_seconds'][-1]:.1f} of {r['seconds'][-1]:.1f} s"
         return out + f"  ({seconds:.1f} s)"
 
     def roll_back(self, step: int) -> None:
