@@ -23,15 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-CONFIGS = {  # name: (build venv, VIGRAD_ISA, reference)
-    "dispatch-avx512": ("dispatch", "avx512", "native"),
-    "native": ("native", None, None),
-    "dispatch-avx2": ("dispatch", "avx2", "znver3"),
-    "znver3": ("znver3", None, None),
-    "dispatch-baseline": ("dispatch", "baseline", None),
-    "nolibmvec-avx512": ("nolibmvec", "avx512", "dispatch-avx512"),
-    "nolibmvec-baseline": ("nolibmvec", "baseline", "dispatch-baseline"),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_builds import CONFIGS  # noqa: E402  (name: (build venv, VIGRAD_ISA, reference))
 
 WORKER = r'''
 import json, sys, time
