@@ -42,8 +42,10 @@ def fingerprint() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
     except OSError:
         pass
+    # the compiler and libmvec too: clang contracts and vectorises differently from gcc
     out = {"isa": vg.build_info["isa"], "blas": _blas.name(), "numpy": np.__version__, "cpu": cpu,
-           "machine": platform.machine()}
+           "machine": platform.machine(), "compiler": vg.build_info["compiler"],
+           "libmvec": bool(vg.build_info["libmvec"])}
     try:
         import torch
 
