@@ -8,7 +8,7 @@ kernel that the tests hold the core to.
 
 from . import _core
 from ._validation import max_workers
-from . import cavi, data, datasets, diagnostics, metrics, optim
+from . import cavi, data, datasets, diagnostics, metrics, optim, reference
 from .distributions import MeanFieldGaussian, Normal, ScaleMixtureNormal, kl_divergence
 from .estimators import ElboGrad, elbo_grad, pathwise_grad, score_grad
 from .families import FullRankGaussian, LowRankGaussian
