@@ -312,12 +312,7 @@ def lbfgs(
     """
     if not callable(fun):
         raise TypeError(f"fun must be callable, returning (f, grad), got {type(fun).__name__}")
-    x = as_float_array(x0, "x0", dtype=np.float64)
-    if x.ndim != 1:
-        raise ValueError(f"x0 must be 1-D, shape (d,), got shape {x.shape}")
-    if x.size == 0:
-        raise ValueError("x0 must have at least one coordinate, got shape (0,)")
-    check_finite(x, "x0")
+    x = _as_point(x0, "x0")
     max_iter = check_num_samples(max_iter, "max_iter", minimum=0)
     history = check_num_samples(history, "history", minimum=1)
     gtol = check_real(gtol, "gtol", nonnegative=True)
@@ -362,17 +357,22 @@ def lbfgs(
 
 # -- Hessian and Laplace ------------------------------------------------------------------------
 
+def _as_point(x, name: str) -> np.ndarray:
+    """x as a finite float64 (d,) array with d >= 1, the errors naming it ``name``."""
+    x = as_float_array(x, name, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, shape (d,), got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"{name} must have at least one coordinate, got shape (0,)")
+    check_finite(x, name)
+    return x
+
+
 def _check_point(grad_batch, x):
     """The arguments of the Hessian functions: a callable, and x as a finite float64 (d,) array."""
     if not callable(grad_batch):
         raise TypeError(f"grad_batch must be callable, got {type(grad_batch).__name__}")
-    x = as_float_array(x, "x", dtype=np.float64)
-    if x.ndim != 1:
-        raise ValueError(f"x must be 1-D, shape (d,), got shape {x.shape}")
-    if x.size == 0:
-        raise ValueError("x must have at least one coordinate, got shape (0,)")
-    check_finite(x, "x")
-    return x
+    return _as_point(x, "x")
 
 
 def numerical_hessian(grad_batch: Callable[[np.ndarray], np.ndarray], x, *, step=None) -> np.ndarray:
