@@ -137,13 +137,6 @@ def _check_result(res, S: int, d: int, dtype, shard: int) -> tuple[np.ndarray, n
     return v.astype(dtype, copy=False), g.astype(dtype, copy=False)
 
 
-def _call_shard(log_lik, z, arrays, shard):
-    """Runs on the worker that holds the shard (or in this process): one shard's likelihood."""
-    z = np.array(z, copy=True)
-    z.setflags(write=False)
-    return log_lik(z, *arrays)
-
-
 # -- where the tasks run ---------------------------------------------------------------------------
 class _TaskFailed(Exception):
     """A task raised ``exc`` (the caller words the error); ``index`` is the task's place in its call."""
