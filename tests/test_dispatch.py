@@ -21,6 +21,10 @@ import vigrad as vg
 TESTS = Path(__file__).resolve().parent
 LEVELS = list(vg.build_info["isa_available"])
 SUPPORTED = list(vg.build_info["isa_supported"])
+# When this suite itself runs under an emulated CPU (CI: ``QEMU_CPU=EPYC-Rome qemu-x86_64 python -m
+# pytest ...``), the subprocesses must run on the same emulated CPU, not natively on the host:
+# VIGRAD_TEST_EMULATOR names the emulator (QEMU_CPU is inherited with the environment).
+EMULATOR = os.environ.get("VIGRAD_TEST_EMULATOR", "").split()
 
 
 def _run(code, isa=None, check=True):
@@ -28,7 +32,7 @@ def _run(code, isa=None, check=True):
     env.pop("VIGRAD_ISA", None)
     if isa is not None:
         env["VIGRAD_ISA"] = isa
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+    r = subprocess.run([*EMULATOR, sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                        cwd=str(TESTS), timeout=300)
     if check and r.returncode != 0:
         raise AssertionError(f"subprocess failed (VIGRAD_ISA={isa}):\n{r.stdout}\n{r.stderr}")

@@ -7,7 +7,7 @@ import pytest
 from vigrad import _core
 from vigrad import reference as ref
 
-from vg_testutil import SHAPES, assert_close, random_problem
+from vg_testutil import RTOL, SHAPES, assert_close, random_problem
 
 PRIOR_KINDS = ["scalar", "array"]
 
@@ -184,9 +184,44 @@ def test_bbb_grad(D, dtype, data, prior, kl):
     assert got[0].dtype == dtype and got[1].dtype == dtype
     # mixture: the prior gradient reaches 1/s2^2 |w| ~ 400 |w|; its size sets the floor
     sc = 10.0 * (1.0 + float(np.abs(want[0]).mean()) + float(np.abs(want[1]).mean()))
-    assert_close(got[0], want[0], dtype, scale=sc)
-    assert_close(got[1], want[1], dtype, scale=sc)
+    cond = _noise_conditioning(ref_fn, args, dtype) if kl == "mc" else (0.0, 0.0)
+    for k in (0, 1):
+        diff = np.abs(got[k].astype(np.float64) - want[k].astype(np.float64))
+        bound = RTOL[np.dtype(dtype)] * (np.abs(want[k]) + sc) + cond[k]
+        assert np.all(diff <= bound), f"output {k}: worst |core - reference| / bound = {np.max(diff / bound):.3g}"
     assert_close(got[2], want[2], dtype, scale=sc * (D + 1))
+
+
+def _noise_conditioning(ref_fn, args, dtype):
+    """How far the fused gradient moves when the layer's own noise moves by a few ulp.
+
+    bbb_grad draws eps from its key inside the kernel (Box-Muller: a log, a sqrt and a cos), and
+    the core and NumPy round those, and w = loc + sigma * eps, each at the dtype's precision with
+    their own libm / libmvec (whose last bits differ from CPU to CPU).  With the mixture prior the
+    prior gradient is ~ w / s2^2, so an ulp of eps can move an element of the gradient by
+    sigma / s2^2 * ulp(eps): ~1e-3 in float32 where the gradient is ~300.  That part of the
+    difference is the problem's conditioning, not an error of either side, so the bound adds it,
+    measured on the reference by moving its noise by 4 ulp of eps and of w / sigma (both signs)."""
+    from vigrad.reference import _kernels as refk
+
+    tiny = 4.0 * float(np.finfo(dtype).eps)
+    loc, rho = args[3].astype(np.float64), args[4].astype(np.float64)
+    sigma = np.logaddexp(0.0, rho)
+    normals = refk._normals
+    base = ref_fn(*args, 0.7, 1)
+    worst = [np.zeros(loc.shape), np.zeros(loc.shape)]
+    for sign in (1.0, -1.0):
+        def moved(key, S, D, dt, sign=sign):
+            e = normals(key, S, D, dt).astype(np.float64)
+            return e + sign * tiny * (np.abs(e) + np.abs(loc + sigma * e) / sigma)
+        refk._normals = moved
+        try:
+            out = ref_fn(*args, 0.7, 1)
+        finally:
+            refk._normals = normals
+        for k in (0, 1):
+            worst[k] = np.maximum(worst[k], np.abs(out[k].astype(np.float64) - base[k].astype(np.float64)))
+    return worst
 
 
 @pytest.mark.parametrize("impl", ["core", "reference"])
