@@ -400,7 +400,11 @@ class BayesianMLP:
         "gaussian": regression with homoscedastic noise, learned (a point estimate of log sigma)
         unless ``noise_std`` is given; "categorical": softmax over sizes[-1] classes.
     prior : Normal or ScaleMixtureNormal
-        Default: Blundell et al.'s scale mixture (0.5, 1, e^-6).
+        Default: Blundell et al.'s scale mixture (0.5, 1, e^-6).  On small data sets, where the
+        KL summed over all weights outweighs the likelihood, its narrow component leaves the
+        network under-confident; a wider prior calibrates better (the digits, 1 347 examples,
+        9 610 weights: ``vg.Normal(0.0, 2.0)`` with He-uniform initial means takes the test NLL
+        from 0.11 to 0.084 and the ECE from 0.031 to 0.017; bench/README.md, issue 14).
     estimator : {"reparam", "local", "flipout"}
     num_samples : int
         Monte Carlo samples per training step; their gradients are averaged.
