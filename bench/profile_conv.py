@@ -28,28 +28,19 @@ import test_bench_conv as tbc  # noqa: E402
 
 
 def build(impl, workers):
-    torch.manual_seed(0)
-    if impl.startswith("vigrad"):
-        layers = tbc.vigrad_lenet(torch, impl.split("-")[1], torch.float32)
-        for m in layers if workers is not None else ():
+    layers = tbc.build_lenet(torch, impl)
+    if impl.startswith("vigrad") and workers is not None:
+        for m in layers:
             m.workers = workers
             m._threads = type(m._threads)(workers, False)
-        return layers
-    if impl == "torch-deterministic":  # the same network with fixed weights: the floor of any Bayesian one
-        nn = torch.nn
-        layers = nn.ModuleList([nn.Conv2d(s[1], s[2], s[3], padding=s[4]) if s[0] == "conv"
-                                else nn.Linear(s[1], s[2]) for s in tbc.LENET])
-        for m in layers:
-            m.kl = torch.zeros(())  # test_bench_conv's step adds the layers' kl attributes
-        return layers
-    return tbc.plain_lenet(torch)
+    return layers
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--impl", action="append", help="default: all four")
+    ap.add_argument("--impl", action="append", help="default: the deterministic network, plain PyTorch, vigrad reparam and Flipout")
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--no-profiler", action="store_true")
     ap.add_argument("--workers", default=None,
