@@ -61,15 +61,19 @@ def main():
     # CPU time per round of 10 steps, the implementations interleaved round by round so that a
     # change in the machine's load hits them alike; the minimum over rounds is the figure
     cpu = {impl: [] for impl in impls}
+    wall = {impl: [] for impl in impls}
     for _ in range(rounds):
         for impl in impls:
-            c0 = time.process_time()
+            c0, t0 = time.process_time(), time.perf_counter()
             steps[impl]()
             cpu[impl].append((time.process_time() - c0) / tbc.STEPS * 1e3)
-    print(f"CPU ms/step on {args.threads} thread(s), min / median over {rounds} rounds of {tbc.STEPS} steps "
-          f"(load {os.getloadavg()[0]:.1f}):")
+            wall[impl].append((time.perf_counter() - t0) / tbc.STEPS * 1e3)
+    print(f"ms/step on {args.threads} thread(s), min / median over {rounds} rounds of {tbc.STEPS} steps "
+          f"(load {os.getloadavg()[0]:.1f}; wall-clock figures mean something only on an idle machine):")
+    print(f"   {'':24s} {'CPU min':>8s} {'median':>7s} {'wall min':>9s} {'median':>7s}")
     for impl in impls:
-        print(f"   {impl:24s} {min(cpu[impl]):7.2f} {np.median(cpu[impl]):7.2f}")
+        print(f"   {impl:24s} {min(cpu[impl]):8.2f} {np.median(cpu[impl]):7.2f} {min(wall[impl]):9.2f} "
+              f"{np.median(wall[impl]):7.2f}")
     for impl in impls:
         ten = steps[impl]
         if args.no_profiler:

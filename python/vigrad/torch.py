@@ -541,9 +541,13 @@ class _BayesianLayer(nn.Module):
     def _sampled_forward(self, fn, x, spec):
         """``fn.apply(x, loc, rho, spec)`` (a sampled forward), timed for the thread picker; records
         the forward's KL term and key.  Returns the outputs."""
-        t0 = time.perf_counter()
-        y, kl = fn.apply(x, self.loc, self.rho, spec)
-        self._threads.record(spec.workers, time.perf_counter() - t0)
+        threads = self._threads
+        if len(threads.choices) == 1:  # nothing to choose between: not timed
+            y, kl = fn.apply(x, self.loc, self.rho, spec)
+        else:
+            t0 = time.perf_counter()
+            y, kl = fn.apply(x, self.loc, self.rho, spec)
+            threads.record(spec.workers, time.perf_counter() - t0)
         self.last_kl, self.last_key, self._kl_record = kl, spec.key, spec.record
         return y
 
@@ -640,7 +644,7 @@ class BayesianLinear(_BayesianLayer):
     def forward(self, x):
         self._check_input(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         ops = self._ops_for(lambda: _ops.LinearOps(self.in_features, self.out_features, self.estimator, self.prior,
                                                    _NP_DTYPES[self.loc.dtype]))
         if not self._samples():
@@ -650,7 +654,7 @@ class BayesianLinear(_BayesianLayer):
         spec = _Spec(self.estimator, self.kl, key, ops, nw, self.in_features, self.out_features, self._work_buffers,
                      record)
         y = self._sampled_forward(_LinearFn, x2, spec)
-        return y.reshape(*lead, self.out_features)
+        return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
 
 
 # -- Bayesian convolutions --------------------------------------------------------------------------
