@@ -36,11 +36,44 @@ def build(impl, workers):
     return layers
 
 
+#: Operator -> part of the step, for the per-part table (self CPU time of each operator).
+PARTS = {
+    "aten::mkldnn_convolution": "conv forward",
+    "aten::convolution_backward": "conv backward (input + weight)",
+    "aten::max_pool2d_with_indices": "max-pool fwd + bwd",
+    "aten::max_pool2d_with_indices_backward": "max-pool fwd + bwd",
+    "aten::clamp_min": "ReLU fwd + bwd",
+    "aten::threshold_backward": "ReLU fwd + bwd",
+    "aten::mm": "linear products (mm, addmm)",
+    "aten::addmm": "linear products (mm, addmm)",
+    "_LinearFn": "vigrad layer functions (core calls + Python)",
+    "_LinearFnBackward": "vigrad layer functions (core calls + Python)",
+    "_Conv2dFn": "vigrad layer functions (core calls + Python)",
+    "_Conv2dFnBackward": "vigrad layer functions (core calls + Python)",
+}
+
+
+def parts(prof, n):
+    """Self CPU ms per step by part: the operator's own part, else the optimizer's when it runs
+    under Optimizer.step / zero_grad, else "other ops" (plain PyTorch's Bayesian arithmetic, glue)."""
+    out = {}
+    for e in prof.events():
+        part = PARTS.get(e.name)
+        if part is None:
+            a = e
+            while a is not None and not a.name.startswith("Optimizer."):
+                a = a.cpu_parent
+            part = "optimizer (Adam step, zero_grad)" if a is not None else "other ops"
+        out[part] = out.get(part, 0.0) + e.self_cpu_time_total / n / 1e3
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--impl", action="append", help="default: the deterministic network, plain PyTorch, vigrad reparam and Flipout")
+    ap.add_argument("--impl", action="append",
+                    help="default: the deterministic network, plain PyTorch, vigrad reparam and Flipout")
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--no-profiler", action="store_true")
     ap.add_argument("--workers", default=None,
@@ -74,22 +107,35 @@ def main():
     for impl in impls:
         print(f"   {impl:24s} {min(cpu[impl]):8.2f} {np.median(cpu[impl]):7.2f} {min(wall[impl]):9.2f} "
               f"{np.median(wall[impl]):7.2f}")
+    if args.no_profiler:
+        return
+    # torch.profiler times are wall-clock: a round in which other processes took the CPU inflates
+    # them.  So each implementation is profiled round by round (interleaved), and each part's figure
+    # is its minimum over the rounds.
+    by_part = {impl: [] for impl in impls}
+    ops = {impl: [] for impl in impls}
+    for _ in range(rounds):
+        for impl in impls:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                steps[impl]()
+            by_part[impl].append(parts(prof, tbc.STEPS))
+            ops[impl].append({e.key: (e.self_cpu_time_total / tbc.STEPS / 1e3, e.count / tbc.STEPS)
+                              for e in prof.key_averages()})
     for impl in impls:
-        ten = steps[impl]
-        if args.no_profiler:
-            continue
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for _ in range(rounds):
-                ten()
-        n = rounds * tbc.STEPS
-        ev = prof.key_averages()
-        rows = sorted(ev, key=lambda e: -e.self_cpu_time_total)
-        total = sum(e.self_cpu_time_total for e in ev) / n / 1e3
-        print(f"   profiler: self CPU summed over operators {total:.2f} ms/step")
-        print(f"   {'operator':58s} {'ms/step':>8s} {'calls/step':>10s}")
-        for e in rows[:args.top]:
-            print(f"   {e.key[:58]:58s} {e.self_cpu_time_total / n / 1e3:8.3f} {e.count / n:10.1f}")
-
+        names = set().union(*by_part[impl])
+        best = {k: min(r.get(k, 0.0) for r in by_part[impl]) for k in names}
+        total = sum(best.values())
+        print(f"\n== {impl}, {args.threads} thread(s): profiler self CPU by part, min over {rounds} rounds "
+              f"(sum {total:.2f} ms/step; the profiler adds a few us per operator)")
+        for part, ms in sorted(best.items(), key=lambda kv: -kv[1]):
+            print(f"      {part:50s} {ms:7.3f} ms/step {100 * ms / total:5.1f} %")
+        if args.top:
+            keys = set().union(*ops[impl])
+            best_ops = {k: min(r.get(k, (0.0, 0.0))[0] for r in ops[impl]) for k in keys}
+            calls = {k: max(r.get(k, (0.0, 0.0))[1] for r in ops[impl]) for k in keys}
+            print(f"   {'operator':58s} {'ms/step':>8s} {'calls/step':>10s}")
+            for k in sorted(keys, key=lambda k: -best_ops[k])[:args.top]:
+                print(f"   {k[:58]:58s} {best_ops[k]:8.3f} {calls[k]:10.1f}")
 
 if __name__ == "__main__":
     main()
