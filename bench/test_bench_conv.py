@@ -2,7 +2,7 @@
 
 conv 1->6 5x5 (padding 2), ReLU, max-pool 2, conv 6->16 5x5, ReLU, max-pool 2, 400-120-84-10 with
 ReLUs; batch 128, float32, scale-mixture prior (0.5, 1, e^-6), rho0 = -7, one weight sample per
-step, Adam 1e-3, the KL summed over all weights and divided by the number of batches.  Three
+step, Adam 1e-3, the KL summed over all weights and divided by the number of batches.  The
 implementations of the same network and step, in one group:
 
 * ``vigrad.torch-reparam`` / ``vigrad.torch-flipout``: vgt.BayesianConv2d and vgt.BayesianLinear

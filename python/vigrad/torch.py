@@ -539,8 +539,8 @@ class _BayesianLayer(nn.Module):
         return key, self._threads.pick(), _KLRecord()
 
     def _sampled_forward(self, fn, x, spec):
-        """``fn.apply(x, loc, rho, spec)`` (a sampled forward), timed for the thread picker; records
-        the forward's KL term and key.  Returns the outputs."""
+        """``fn.apply(x, loc, rho, spec)`` (a sampled forward), timed for the thread picker when it
+        has a choice; records the forward's KL term and key.  Returns the outputs."""
         threads = self._threads
         if len(threads.choices) == 1:  # nothing to choose between: not timed
             y, kl = fn.apply(x, self.loc, self.rho, spec)
