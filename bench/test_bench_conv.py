@@ -2,7 +2,7 @@
 
 conv 1->6 5x5 (padding 2), ReLU, max-pool 2, conv 6->16 5x5, ReLU, max-pool 2, 400-120-84-10 with
 ReLUs; batch 128, float32, scale-mixture prior (0.5, 1, e^-6), rho0 = -7, one weight sample per
-step, Adam 1e-3, the KL summed over all weights and divided by the number of batches.  Three
+step, Adam 1e-3, the KL summed over all weights and divided by the number of batches.  The
 implementations of the same network and step, in one group:
 
 * ``vigrad.torch-reparam`` / ``vigrad.torch-flipout``: vgt.BayesianConv2d and vgt.BayesianLinear
@@ -12,7 +12,13 @@ implementations of the same network and step, in one group:
   with torch.randn, log q and the scale-mixture log prior in torch ops, autograd for everything;
 * ``blitz-reparam``: blitz's BayesianConv2d / BayesianLinear (blitz-bayesian-pytorch, never a
   vigrad dependency; ``pip install --no-deps blitz-bayesian-pytorch`` suffices, it needs only torch),
-  skipped when not installed.  blitz draws its own initialisation (means N(0, 0.1)).
+  skipped when not installed.  blitz draws its own initialisation (means N(0, 0.1));
+* ``torch-deterministic``: the network with point weights (nn.Conv2d, nn.Linear), the cost the
+  Bayesian versions add to: plain PyTorch's step divided by this one bounds the speed-up any
+  implementation keeping torch's convolution can reach over plain PyTorch;
+* the same with ``-cl``: the network after its first convolution in the channels-last memory
+  format (a generic PyTorch choice, given to plain PyTorch and vigrad alike: torch's max-pool is
+  much cheaper in NHWC).
 
 Target (issue 14): vigrad reparam >= 2x faster per step than plain PyTorch.
 
@@ -46,10 +52,16 @@ def data():
     return X, y
 
 
-def lenet_forward(torch, layers, x):
-    """The LeNet-5 body around any five layer callables."""
+def lenet_forward(torch, layers, x, channels_last=False):
+    """The LeNet-5 body around any five layer callables.  ``channels_last``: the first convolution's
+    output is copied into the channels-last memory format (NHWC), and ReLU, max-pool and the second
+    convolution follow it there (the first convolution, with one input channel, stays NCHW: torch
+    reads a single channel's strides as NCHW)."""
     F = torch.nn.functional
-    h = F.max_pool2d(torch.relu(layers[0](x)), 2)
+    h = layers[0](x)
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last)
+    h = F.max_pool2d(torch.relu(h), 2)
     h = F.max_pool2d(torch.relu(layers[1](h)), 2).flatten(1)
     h = torch.relu(layers[2](h))
     return layers[4](torch.relu(layers[3](h)))
@@ -125,19 +137,25 @@ def kl_of(torch, impl, layers):
         import vigrad.torch as vgt
 
         return vgt.kl_loss(layers)
+    if impl.startswith("torch-deterministic"):
+        return 0.0
     if impl.startswith("blitz"):
         return sum(m.log_variational_posterior - m.log_prior for m in layers)
     return sum(m.kl for m in layers)
 
 
 def make_steps(torch, impl, layers, X, y):
+    """Ten training steps; an ``impl`` ending in "-cl" runs the body after the first convolution in
+    the channels-last memory format (torch's ReLU, max-pool and conv2d in NHWC: a generic PyTorch
+    choice, open to every implementation alike)."""
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    cl = impl.endswith("-cl")
     opt = torch.optim.Adam(layers.parameters(), lr=1e-3)
 
     def ten_steps():
         for i in range(STEPS):
             xb, yb = Xt[i * B:(i + 1) * B], yt[i * B:(i + 1) * B]
-            out = lenet_forward(torch, layers, xb)
+            out = lenet_forward(torch, layers, xb, cl)
             loss = (torch.nn.functional.cross_entropy(out, yb, reduction="sum")
                     + kl_of(torch, impl, layers) / STEPS)
             opt.zero_grad()
@@ -148,17 +166,31 @@ def make_steps(torch, impl, layers, X, y):
     return ten_steps
 
 
-@pytest.mark.parametrize("impl", ["vigrad.torch-reparam", "vigrad.torch-flipout", "torch-eager-reparam",
-                                  "blitz-reparam"])
-def test_lenet_step(benchmark, data, torch, impl):
-    X, y = data
+def deterministic_lenet(torch):
+    """The same network with point weights (nn.Conv2d, nn.Linear): the cost every Bayesian version
+    adds to, and so the bound on any speed-up over plain PyTorch that keeps torch's convolution."""
+    nn = torch.nn
+    return nn.ModuleList([nn.Conv2d(s[1], s[2], s[3], padding=s[4]) if s[0] == "conv" else nn.Linear(s[1], s[2])
+                          for s in LENET])
+
+
+def build_lenet(torch, impl):
     torch.manual_seed(0)
     if impl.startswith("vigrad"):
-        layers = vigrad_lenet(torch, impl.split("-")[1], torch.float32)
-    elif impl.startswith("blitz"):
-        layers = blitz_lenet(torch)
-    else:
-        layers = plain_lenet(torch)
+        return vigrad_lenet(torch, impl.split("-")[1], torch.float32)
+    if impl.startswith("blitz"):
+        return blitz_lenet(torch)
+    if impl.startswith("torch-deterministic"):
+        return deterministic_lenet(torch)
+    return plain_lenet(torch)
+
+
+@pytest.mark.parametrize("impl", ["vigrad.torch-reparam", "vigrad.torch-flipout", "torch-eager-reparam",
+                                  "blitz-reparam", "torch-deterministic", "vigrad.torch-reparam-cl",
+                                  "torch-eager-reparam-cl", "torch-deterministic-cl"])
+def test_lenet_step(benchmark, data, torch, impl):
+    X, y = data
+    layers = build_lenet(torch, impl)
     ten_steps = make_steps(torch, impl, layers, X, y)
     ten_steps()  # warm up
     tag(benchmark, GROUP, impl=impl, batch=B, dtype="float32", steps_per_round=STEPS)

@@ -462,6 +462,32 @@ def test_seeded_layers_are_reproducible_and_state_dict_resumes_the_noise():
         assert d.seed == 11 and torch.equal(d(x), b(x))
 
 
+def test_forward_keys_come_from_derive_key_across_key_blocks_streams_and_seed_changes():
+    """The layers derive their keys a block of forwards at a time: every forward's key is still
+    derive_key(seed, step, stream), across block boundaries, in both streams, after the seed changes."""
+    from vigrad import _layer_ops
+
+    # the block derivation against the one-key function, also where the step's low word carries
+    for first in (0, 61, 2**32 - 3, 2**40 + 5):
+        keys = _layer_ops.derive_step_keys(7, first, 6, 1)
+        assert [int(k) for k in keys] == [_layer_ops.derive_keys(7, first + i, 1, 1)[0] for i in range(6)]
+    layer = vgt.BayesianLinear(2, 2, seed=3, init_rho=-1.0)
+    x = torch.randn(1, 2)
+    block = type(layer)._KEY_BLOCK
+    for t in range(block + 2):
+        layer(x)
+        assert layer.last_key == vgt.derive_key(3, t)
+    layer.eval()
+    with vgt.sampling(layer):
+        layer(x)
+    assert layer.last_key == vgt.derive_key(3, 0, 1)
+    layer.train()
+    other = vgt.BayesianLinear(2, 2, seed=9, init_rho=-1.0)
+    layer.load_state_dict(other.state_dict())  # seed 9, counters at 0: the cached block is stale
+    layer(x)
+    assert layer.last_key == vgt.derive_key(9, 0)
+
+
 def test_deepcopy_and_pickle_after_a_forward():
     import copy
     import pickle

@@ -134,6 +134,28 @@ def test_gradients_equal_torch_autograd_through_conv2d(geometry, estimator, prio
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_channels_last_input_gives_the_contiguous_results_in_channels_last(estimator):
+    """An NHWC input (torch's channels-last memory format, as a network after a channels-last
+    conversion feeds it) gives the values and gradients of the reference on the NCHW copy, the
+    output in channels-last as torch's conv2d gives it."""
+    layer = make("plain", estimator)
+    x = make_input("plain").contiguous(memory_format=torch.channels_last).requires_grad_()
+    loc = layer.loc.detach().clone().requires_grad_()
+    rho = layer.rho.detach().clone().requires_grad_()
+    out = layer(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    (torch.tanh(out) * target).sum().add(0.37 * vgt.kl_loss(layer)).backward()
+    x_r = x.detach().contiguous().requires_grad_()
+    y_r, kl_r = ref_conv(layer, loc, rho, x_r, layer.last_key)
+    (torch.tanh(y_r) * target).sum().add(0.37 * kl_r).backward()
+    close(out, y_r)
+    close(x.grad, x_r.grad)
+    close(layer.loc.grad, loc.grad)
+    close(layer.rho.grad, rho.grad)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_two_conv_layers_chain_the_input_gradient(estimator):
     a = vgt.BayesianConv2d(2, 3, 3, padding=1, estimator=estimator, init_rho=-1.0, seed=1, dtype=F64)
     b = vgt.BayesianConv2d(3, 2, 2, stride=2, estimator=estimator, init_rho=-1.0, seed=2, dtype=F64)

@@ -40,8 +40,8 @@ from . import _blas, _core
 from .distributions import Normal, ScaleMixtureNormal
 
 __all__ = ["ESTIMATORS", "KL_MODES", "LOCAL_KEY_SALT", "LinearOps", "NumpyProducts", "ParamOps", "Saved", "Threads",
-           "check_estimator", "check_kl", "check_prior", "default_prior", "derive_keys", "flipout_signs",
-           "local_noise", "split"]
+           "check_estimator", "check_kl", "check_prior", "default_prior", "derive_keys", "derive_step_keys",
+           "flipout_signs", "local_noise", "split"]
 
 ESTIMATORS = ("reparam", "local", "flipout")
 KL_MODES = ("mc", "analytic")
@@ -90,6 +90,19 @@ def derive_keys(base: int, step: int, sample: int, n: int) -> List[int]:
     ctr[:, 3] = (step >> 32) & 0xFFFFFFFF
     out = _core.philox4x32_10(ctr, base).astype(np.uint64)
     return [int(x) for x in (out[:, 0] | (out[:, 1] << np.uint64(32)))]
+
+
+def derive_step_keys(base: int, first_step: int, n: int, sample: int) -> np.ndarray:
+    """The keys ``derive_keys(base, step, sample, 1)[0]`` of the n steps ``first_step, ...,
+    first_step + n - 1`` in one call of the generator (uint64 array): a layer draws a block of
+    its forwards' keys at once instead of one call per forward."""
+    steps = np.arange(first_step, first_step + n, dtype=np.uint64)
+    ctr = np.zeros((n, 4), dtype=np.uint32)
+    ctr[:, 1] = sample & 0xFFFFFFFF
+    ctr[:, 2] = (steps & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    ctr[:, 3] = (steps >> np.uint64(32)).astype(np.uint32)
+    out = _core.philox4x32_10(ctr, base).astype(np.uint64)
+    return out[:, 0] | (out[:, 1] << np.uint64(32))
 
 
 def flipout_signs(key: int, row_offset: int, rows: int, n_in: int, n_out: int, dtype) -> np.ndarray:

@@ -489,36 +489,65 @@ class _BayesianLayer(nn.Module):
     def _check_tensor_input(self, x):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        for name, t in (("x is", x), ("the layer's parameters are", self.loc)):
-            if t.device.type != "cpu":
+        loc, rho = self.loc, self.rho
+        for name, t in (("x is", x), ("the layer's parameters are", loc)):
+            if not t.is_cpu:
                 raise DeviceError(f"vigrad's core runs on CPU tensors; {name} on {t.device} "
                                   f"(move it with .cpu(), the module with .to('cpu'))")
-        if self.loc.dtype not in _NP_DTYPES or self.rho.dtype != self.loc.dtype:
+        if loc.dtype not in _NP_DTYPES or rho.dtype != loc.dtype:
             raise TypeError(f"the layer's parameters must be float32 or float64 (vigrad's core supports these "
-                            f"two), got loc {self.loc.dtype} and rho {self.rho.dtype}")
-        if x.dtype != self.loc.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the layer's parameters are {self.loc.dtype}: convert the "
-                            f"input (x.to({self.loc.dtype})) or the layer (layer.to({x.dtype}))")
+                            f"two), got loc {loc.dtype} and rho {rho.dtype}")
+        if x.dtype != loc.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the layer's parameters are {loc.dtype}: convert the "
+                            f"input (x.to({loc.dtype})) or the layer (layer.to({x.dtype}))")
+
+    def _ops_for(self, make):
+        """The layer's vigrad._layer_ops object (``make()``), made again only when the estimator, the
+        prior or the parameters' dtype has changed since the last forward."""
+        key = (self.estimator, self.prior, self.loc.dtype)
+        cached = self.__dict__.get("_ops_cache")
+        if cached is None or cached[0][0] != key[0] or cached[0][1] is not key[1] or cached[0][2] != key[2]:
+            cached = self.__dict__["_ops_cache"] = (key, make())
+        return cached[1]
 
     def _samples(self) -> bool:
         return self.training if self.sampling is None else bool(self.sampling)
+
+    #: Forwards whose keys one call of the generator derives (see :meth:`_key`).
+    _KEY_BLOCK = 64
+
+    def _key(self, seed, step, stream):
+        """``derive_key(seed, step, stream)``, from a block of ``_KEY_BLOCK`` consecutive steps'
+        keys derived at once (one generator call per block of forwards instead of one per forward)."""
+        block = step // self._KEY_BLOCK
+        cache = self.__dict__.get("_key_cache")
+        if cache is None or cache[0] != (seed, stream, block):
+            keys = _ops.derive_step_keys(seed, block * self._KEY_BLOCK, self._KEY_BLOCK, stream)
+            cache = self.__dict__["_key_cache"] = ((seed, stream, block), keys.tolist())
+        return cache[1][step - block * self._KEY_BLOCK]
 
     def _next_draw(self):
         """The key of this sampled forward (the counter of its stream advances), the number of
         threads it runs on (its backward uses the same) and a fresh KL record."""
         stream = 0 if self.training else 1
-        with torch.no_grad():
-            step = int(self.noise_step[stream])
-            key = derive_key(self.seed, step, stream)
-            self.noise_step[stream] += 1
+        # the buffers through NumPy views of their memory: a torch op per access costs more than the
+        # rest of this method (the buffers are CPU int64 tensors outside any autograd graph)
+        counters = self.noise_step.numpy()
+        step = int(counters[stream])
+        counters[stream] = step + 1
+        key = self._key(int(self.noise_seed.numpy()), step, stream)
         return key, self._threads.pick(), _KLRecord()
 
     def _sampled_forward(self, fn, x, spec):
-        """``fn.apply(x, loc, rho, spec)`` (a sampled forward), timed for the thread picker; records
-        the forward's KL term and key.  Returns the outputs."""
-        t0 = time.perf_counter()
-        y, kl = fn.apply(x, self.loc, self.rho, spec)
-        self._threads.record(spec.workers, time.perf_counter() - t0)
+        """``fn.apply(x, loc, rho, spec)`` (a sampled forward), timed for the thread picker when it
+        has a choice; records the forward's KL term and key.  Returns the outputs."""
+        threads = self._threads
+        if len(threads.choices) == 1:  # nothing to choose between: not timed
+            y, kl = fn.apply(x, self.loc, self.rho, spec)
+        else:
+            t0 = time.perf_counter()
+            y, kl = fn.apply(x, self.loc, self.rho, spec)
+            threads.record(spec.workers, time.perf_counter() - t0)
         self.last_kl, self.last_key, self._kl_record = kl, spec.key, spec.record
         return y
 
@@ -615,9 +644,9 @@ class BayesianLinear(_BayesianLayer):
     def forward(self, x):
         self._check_input(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        ops = _ops.LinearOps(self.in_features, self.out_features, self.estimator, self.prior,
-                             _NP_DTYPES[self.loc.dtype])
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        ops = self._ops_for(lambda: _ops.LinearOps(self.in_features, self.out_features, self.estimator, self.prior,
+                                                   _NP_DTYPES[self.loc.dtype]))
         if not self._samples():
             y = ops.mean(_TorchProducts(None, self.loc.dtype), x2, self.loc)
             return y.reshape(*lead, self.out_features)
@@ -625,7 +654,7 @@ class BayesianLinear(_BayesianLayer):
         spec = _Spec(self.estimator, self.kl, key, ops, nw, self.in_features, self.out_features, self._work_buffers,
                      record)
         y = self._sampled_forward(_LinearFn, x2, spec)
-        return y.reshape(*lead, self.out_features)
+        return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
 
 
 # -- Bayesian convolutions --------------------------------------------------------------------------
@@ -892,7 +921,7 @@ class BayesianConv2d(_BayesianLayer):
                                      self.groups)
         else:
             key, nw, record = self._next_draw()
-            ops = _ops.ParamOps(self.num_params, self.prior, _NP_DTYPES[self.loc.dtype])
+            ops = self._ops_for(lambda: _ops.ParamOps(self.num_params, self.prior, _NP_DTYPES[self.loc.dtype]))
             spec = _ConvSpec(self.estimator, self.kl, key, ops, nw, self.weight_shape, self.has_bias, self.stride,
                              self._pad, self.dilation, self.groups, self._work_buffers, record)
             y = self._sampled_forward(_Conv2dFn, x, spec)
