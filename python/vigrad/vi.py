@@ -167,6 +167,41 @@ class _Reuse:
         return buf
 
 
+class _Recycle:
+    """New arrays for the step's out-of-place results (the optimiser's parameters and moments, the
+    fit's running sums), made from the memory of earlier ones that nothing holds any more (only
+    this pool: the reference count they had right after they were made).  A state, a view of one
+    of its arrays, a buffer export or a pickle keeps an array from being reused; one not reused
+    is never written.  A fresh array per step page-faults in its memory (or, with glibc's
+    malloc, makes the heap shrink and grow around the log joint's own temporaries)."""
+
+    _KEEP = 24  # arrays kept per shape and dtype: a state's worth and then some
+
+    def __init__(self):
+        self.free = {}
+
+    @staticmethod
+    def _count(kept, i):
+        buf, unused = kept[i]
+        return buf, unused, sys.getrefcount(buf)
+
+    def __call__(self, shape, dtype):
+        kept = self.free.setdefault((tuple(shape), np.dtype(dtype)), [])
+        for i in range(len(kept)):
+            buf, unused, now = self._count(kept, i)
+            if now == unused:
+                buf.flags.writeable = True  # the pool's own array: nothing else sees it
+                return buf
+        buf = np.empty(shape, dtype)
+        if len(kept) < self._KEEP:
+            kept.append((buf, 0))
+            del buf
+            # counted where and as the check above counts, so the two agree on any interpreter
+            buf, _, unused = self._count(kept, -1)
+            kept[-1] = (buf, unused)
+        return buf
+
+
 # -- preconditioning ------------------------------------------------------------------------------------
 
 class Laplace(NamedTuple):
@@ -570,6 +605,12 @@ class VI:
             self._logdet = (T, value)
         return value
 
+    def _recycle(self):
+        rec = getattr(self._local, "recycle", None)
+        if rec is None:
+            rec = self._local.recycle = _Recycle()
+        return rec
+
     def step(self, state: VIState):
         """One stochastic gradient step: ``(new_state, info)``; ``state`` is not modified.
 
@@ -580,6 +621,11 @@ class VI:
             the sample and the element), or the -ELBO, its gradient or the new parameters are
             not finite (``err.result`` is None: ``state`` is the last finite state).
         """
+        return self._step(state)
+
+    def _step(self, state: VIState, sums=None):
+        """:meth:`step`, also updating a fit's running sums (``sums``: one tuple per parameter block,
+        see ``vigrad.optim._step_sums``) out of place in the optimiser's pass."""
         _check_state(state)
         params, shift, T = state.params, state.shift, state.scale
         t = int(state.step)
@@ -602,6 +648,12 @@ class VI:
         where = f"step {t}"
         need_grads = self.estimator != "score"
         log_p, g = self._target(z, need_grads, where, t)
+        # the previous step's gradient array is let go only now that this one is made: freed at the
+        # end of the step, glibc's malloc returned the log joint's (S, d) temporaries, which sit at
+        # the top of the heap, to the system every step, and the log joint page-faulted them in
+        # again at every call (measured at d = 10^5, S = 8: 1 000-1 500 page faults a call
+        # against ~50 with this); one (S, d) array more is held between steps
+        self._local.held = g
         if need_grads:
             gx = g if T.size == 0 else (g * T if T.ndim == 1 else g @ T)
             grads = q._pathwise(eps, np.ascontiguousarray(gx), "stl" if self.estimator == "stl" else "mc", nw)
@@ -614,7 +666,8 @@ class VI:
         try:
             # the optimiser's kernel reports a non-finite gradient (in the family's gradients,
             # which are non-finite whenever an input is): the (S, d) ones are searched only then
-            new_params, opt_state = self.optimizer.update(grads, state.opt_state, params, workers=nw)
+            new_params, opt_state = self.optimizer.update(grads, state.opt_state, params, workers=nw,
+                                                          _alloc=self._recycle(), _sums=sums)
         except ValueError:
             if not all(np.isfinite(gb).all() for gb in grads):
                 if g is not None:
@@ -628,8 +681,17 @@ class VI:
             self._local.q = (new_params, self._cls._from_params(new_params, nw))  # checked; the next step's q
         except ValueError as exc:
             raise FitError(f"the fit diverged at step {t}: {exc}", t, None) from None
-        info = VIInfo(loss, _optim._global_norm(grads), tuple(grads))
+        info = VIInfo(loss, _grad_norm(grads, self._recycle()), tuple(grads))
         return VIState(new_params, opt_state, state.key, np.array(t + 1, dtype=np.int64), shift, T), info
+
+
+def _grad_norm(grads, alloc):
+    """vigrad.optim's global norm (the same bits), its squares written to recycled arrays."""
+    if not all(isinstance(g, np.ndarray) and g.dtype == np.float64 for g in grads):
+        return _optim._global_norm(grads)
+    with np.errstate(over="ignore"):
+        total = float(sum(np.sum(np.square(g, out=alloc(g.shape, g.dtype))) for g in grads))
+    return _optim._global_norm(grads) if math.isinf(total) else math.sqrt(total)
 
 
 def _frozen(a):
@@ -687,12 +749,16 @@ class _Segment:
         self.s2 = tuple(np.zeros(p.shape) for p in params)
         self.nl, self.l1, self.l2 = 0, 0.0, 0.0  # the losses' count, sum and sum of squares
 
-    def add(self, params, loss):
+    def count(self, loss):
+        """One more step (its sums taken already, e.g. in the optimiser's pass)."""
         if loss is not None:
             self.nl += 1
             self.l1 += loss
             self.l2 += loss * loss
         self.n += 1
+
+    def add(self, params, loss):
+        self.count(loss)
         for c, s1, s2, x in zip(self.c, self.s1, self.s2, params):
             dev = x - c
             s1 += dev
@@ -875,7 +941,17 @@ class ConvergenceMonitor:
     def _row(self, params):
         return np.concatenate([p.reshape(-1)[sel] for p, sel in zip(params, self._tracked)])
 
-    def update(self, state: VIState, loss: Optional[float] = None) -> bool:
+    def _pending_sums(self):
+        """Per parameter block (shift, sum1, sum2, sum1, sum2): the sums the next iterate goes into,
+        for the optimiser's pass to update in place (``VI._step(state, sums)``, then
+        ``update(new_state, loss, _summed=True)``); None when the next iterate starts a segment.
+        In place is safe: after a failed step the fit ends, and the segment's sums are not read."""
+        cur = self._current
+        if cur is None:
+            return None
+        return tuple((c, s1, s2, s1, s2) for c, s1, s2 in zip(cur.c, cur.s1, cur.s2))
+
+    def update(self, state: VIState, loss: Optional[float] = None, *, _summed: bool = False) -> bool:
         """Record the iterate ``state`` (call once per step, with the state after it) and the
         step's -ELBO estimate ``loss`` (``info.loss``, optional); True: stop."""
         _check_state(state)
@@ -886,9 +962,14 @@ class ConvergenceMonitor:
         self._seen += 1
         if self._tracked is None:
             self._track(p)
-        if self._current is None:
-            self._current = _Segment(p)
-        self._current.add(p, loss)
+        if _summed:  # the step added this iterate to the segment's sums (see _pending_sums)
+            if self._current is None:
+                raise RuntimeError("ConvergenceMonitor.update(_summed=True) without _pending_sums() first")
+            self._current.count(loss)
+        else:
+            if self._current is None:
+                self._current = _Segment(p)
+            self._current.add(p, loss)
         self._since_row += 1
         if self._since_row >= self._thin:
             self._hist.append(self._row(p))
