@@ -739,3 +739,106 @@ def test_update_kernels_match_the_numpy_reference(kernel, decay, dtype, n):
             np.testing.assert_allclose(got[i], want[i], rtol=rtol, atol=rtol)
     g[n // 2] = np.nan
     assert call(_core, False)[0] is False and call(ref, False)[0] is False
+
+
+# ----------------------------------------------------------------------------- a fit's running sums (issue 13)
+
+def _sums_case(n, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    p, g = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
+    m, v = (0.1 * rng.standard_normal(n)).astype(dtype), rng.uniform(0.1, 1.0, n).astype(dtype)
+    g1, g2 = rng.standard_normal(n).astype(dtype), rng.uniform(0.0, 3.0, n).astype(dtype)
+    c, s1, s2 = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype), \
+        rng.uniform(0.0, 3.0, n).astype(dtype)
+    return p, g, m, v, g1, g2, c, s1, s2
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n", [1, 1023, 1025, 5000])
+@pytest.mark.parametrize("groups", ["both", "grads", "iterates", "none"])
+def test_adam_sums_kernel_is_numpy_on_the_same_arrays(dtype, n, groups):
+    """optim_adam_sums: optim_adam's bits for the update, and NumPy's g1 + g, g2 + g*g and
+    dev = p_new - c, s1 + dev, s2 + dev*dev to the bit (no fused multiply-add), out of place and
+    in place, for any thread count."""
+    from vigrad import _core
+    p, g, m, v, g1, g2, c, s1, s2 = _sums_case(n, dtype)
+    want_p, want_m, want_v = np.empty_like(p), np.empty_like(p), np.empty_like(p)
+    assert _core.optim_adam(p, g, m, v, want_p, want_m, want_v, 4, 0.05, 0.9, 0.999, 1e-8, 0.99, 1)
+    dev = want_p - c
+    for workers in (1, 3):
+        for inplace in (False, True):
+            a = [x.copy() for x in (g1, g2, s1, s2)]
+            outs = a if inplace else [np.empty_like(x) for x in a]
+            grad = (a[0], a[1], outs[0], outs[1]) if groups in ("both", "grads") else (None,) * 4
+            it = (c, a[2], a[3], outs[2], outs[3]) if groups in ("both", "iterates") else (None,) * 5
+            op, om, ov = np.empty_like(p), np.empty_like(p), np.empty_like(p)
+            assert _core.optim_adam_sums(p, g, m, v, op, om, ov, 4, 0.05, 0.9, 0.999, 1e-8, 0.99, *grad, *it,
+                                         workers)
+            for got, want in zip((op, om, ov), (want_p, want_m, want_v)):
+                np.testing.assert_array_equal(got, want)
+            if groups in ("both", "grads"):
+                np.testing.assert_array_equal(outs[0], g1 + g)
+                np.testing.assert_array_equal(outs[1], g2 + g * g)
+            if groups in ("both", "iterates"):
+                np.testing.assert_array_equal(outs[2], s1 + dev)
+                np.testing.assert_array_equal(outs[3], s2 + dev * dev)
+            if not inplace:  # the inputs were only read
+                for x, y in zip(a, (g1, g2, s1, s2)):
+                    np.testing.assert_array_equal(x, y)
+
+
+def test_adam_sums_kernel_reports_a_non_finite_gradient_and_checks_its_arrays():
+    from vigrad import _core
+    p, g, m, v, g1, g2, c, s1, s2 = _sums_case(10, np.float64)
+    g[3] = np.nan
+    o = [np.empty(10) for _ in range(7)]
+    assert not _core.optim_adam_sums(p, g, m, v, *o[:3], 0, 0.1, 0.9, 0.999, 1e-8, 1.0, g1, g2, o[3], o[4],
+                                     c, s1, s2, o[5], o[6], 1)
+    g[3] = 0.0
+    args = (p, g, m, v, *o[:3], 0, 0.1, 0.9, 0.999, 1e-8, 1.0)
+    with pytest.raises(ValueError, match="must be given together"):
+        _core.optim_adam_sums(*args, g1, None, o[3], o[4], None, None, None, None, None, 1)
+    with pytest.raises(ValueError, match="must be given together"):
+        _core.optim_adam_sums(*args, None, None, None, None, c, s1, s2, o[5], None, 1)
+    buf = np.zeros(11)
+    with pytest.raises(ValueError, match=r"out_sum1 must be sum1 itself \(in place\) or not overlap it"):
+        _core.optim_adam_sums(*args, None, None, None, None, c, buf[:10], s2, buf[1:], o[6], 1)
+    with pytest.raises(ValueError, match="out_sum1 must not overlap grads"):
+        _core.optim_adam_sums(*args, None, None, None, None, c, s1, s2, g, o[6], 1)
+    with pytest.raises(ValueError, match="shift must not overlap out_sum2"):
+        _core.optim_adam_sums(*args, None, None, None, None, o[6], s1, s2, o[5], o[6], 1)
+    with pytest.raises(ValueError, match="sum2"):
+        _core.optim_adam_sums(*args, None, None, None, None, c, s1, s2[:5], o[5], o[6], 1)
+    with pytest.raises(TypeError):  # a float32 sum with float64 parameters
+        _core.optim_adam_sums(*args, None, None, None, None, c, s1.astype(np.float32), s2, o[5], o[6], 1)
+
+
+@pytest.mark.parametrize("make", [lambda: optim.adam(0.05), lambda: optim.adam(0.05, clip_norm=0.5),
+                                  lambda: optim.sgd(0.05, momentum=0.9), lambda: optim.rmsprop(0.01)],
+                         ids=["adam", "adam-clipped", "sgd", "rmsprop"])
+def test_update_with_sums_is_update_then_numpy_sums(make):
+    """Optimizer.update(_sums=...): the same update, and the running sums of the caller's (not the
+    clipped) gradients and the new parameters, fused (Adam) or added with NumPy after the kernel."""
+    opt = make()
+    rng = np.random.default_rng(1)
+    params = (rng.standard_normal(7), rng.standard_normal((2, 3)))
+    grads = tuple(3.0 * rng.standard_normal(p.shape) for p in params)
+    state = opt.init(params)
+    state = opt.update(grads, state, params)[1]  # non-zero moments
+    want_p, want_state = opt.update(grads, state, params)
+    sums, expect = [], []
+    for p, g, new in zip(params, grads, want_p):
+        g1, g2, s1, s2 = (rng.standard_normal(p.shape) for _ in range(4))
+        c = p + 0.1
+        out = tuple(np.empty(p.shape) for _ in range(2))
+        sums.append((g1, g2, *out, c, s1, s2, s1, s2))  # iterate sums in place
+        dev = new - c
+        expect.append((out, g1 + g, g2 + g * g, s1 + dev, s2 + dev * dev))
+    got_p, got_state = opt.update(grads, state, params, _sums=tuple(sums))
+    for a, b in zip(got_p, want_p):
+        np.testing.assert_array_equal(a, b)
+    for (out, w1, w2, w3, w4), sm in zip(expect, sums):
+        np.testing.assert_array_equal(out[0], w1)
+        np.testing.assert_array_equal(out[1], w2)
+        np.testing.assert_array_equal(sm[5], w3)
+        np.testing.assert_array_equal(sm[6], w4)

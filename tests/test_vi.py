@@ -298,3 +298,117 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(vgvi, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+# -- the step's cost (issue 13, item 5): fused passes and recycled arrays, the same bits ----------------
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("D", [1, 1023, 1025, 20000])
+def test_mf_scale_entropy_is_softplus_then_mf_entropy(dtype, D):
+    from vigrad import _core
+    rng = np.random.default_rng(D)
+    loc, rho = rng.standard_normal(D).astype(dtype), (5 * rng.standard_normal(D)).astype(dtype)
+    for workers in (1, 3):
+        scale = np.empty(D, dtype)
+        entropy, ok = _core.mf_scale_entropy(loc, rho, scale, workers)
+        want = _core.softplus(rho, 1)
+        np.testing.assert_array_equal(scale, want)
+        assert ok and entropy == _core.mf_entropy(want, 1)
+    for bad_loc, bad_rho in [(np.nan, 0.0), (0.0, np.inf), (0.0, -np.inf), (0.0, -800.0 if dtype == np.float64
+                                                                                 else -120.0)]:
+        l2, r2 = loc.copy(), rho.copy()
+        l2[D // 2], r2[D // 2] = l2[D // 2] + bad_loc, bad_rho if bad_rho != 0.0 else r2[D // 2]
+        assert not _core.mf_scale_entropy(l2, r2, np.empty(D, dtype), 1)[1]
+    with pytest.raises(ValueError, match="out_scale must not overlap"):
+        _core.mf_scale_entropy(loc, rho, rho, 1)
+    with pytest.raises(ValueError, match="rho"):
+        _core.mf_scale_entropy(loc, rho[:0], np.empty(D, dtype), 1)
+
+
+def test_recycled_arrays_never_overwrite_what_the_caller_holds():
+    """The step's outputs reuse the memory of earlier states' arrays only when nothing holds them:
+    every state kept, a view of one, a memoryview of another, stay as they were."""
+    d = 50
+    lj = gaussian_log_joint(np.linspace(-1, 1, d), np.diag(np.linspace(0.5, 2, d)))[0]
+    vi = vg.VI(lj, "meanfield", num_samples=4)
+    state = vi.init(np.zeros(d), rng=0)
+    kept, views, copies, view_copies = [], [], [], []
+    for t in range(60):
+        state, info = vi.step(state)
+        if t % 3 == 0:
+            kept.append(state)
+            copies.append(copy.deepcopy(state))
+        elif t % 3 == 1:
+            views.append((state.params[1][5:], state.opt_state.v[0][:7], memoryview(state.opt_state.m[1])))
+            view_copies.append((state.params[1][5:].copy(), state.opt_state.v[0][:7].copy(),
+                                state.opt_state.m[1].copy()))
+        del info
+    for a, b in zip(kept, copies):
+        assert_states_equal(a, b)
+    for (v1, v2, mv), (c1, c2, c3) in zip(views, view_copies):
+        np.testing.assert_array_equal(v1, c1)
+        np.testing.assert_array_equal(v2, c2)
+        np.testing.assert_array_equal(np.asarray(mv), c3)
+    assert all(not p.flags.writeable for s in kept for p in s.params)
+    # and the states dropped along the way did give their memory back: the pool stays bounded
+    assert sum(len(v) for v in vi._recycle().free.values()) <= 2 * vgvi._Recycle._KEEP
+
+
+def _fit_loop(vi, state, steps, fused):
+    from vigrad.bbvi import _GradStats
+    monitor = vgvi.ConvergenceMonitor(vi, tol=0.05, check_every=5, min_window=20)
+    stats = _GradStats(vi.block_names)
+    stops = []
+    for _ in range(steps):
+        if fused:
+            gsums, isums = stats.pending(state.params), monitor._pending_sums()
+            sums = tuple(g + (isums[b] if isums is not None else (None,) * 5) for b, g in enumerate(gsums))
+            state, info = vi._step(state, sums)
+            stats.add(info.grads, summed=True)
+            stops.append(monitor.update(state, info.loss, _summed=isums is not None))
+        else:
+            state, info = vi.step(state)
+            stats.add(info.grads)
+            stops.append(monitor.update(state, info.loss))
+    return monitor, stats, stops
+
+
+@pytest.mark.parametrize("family,kw,opt", [("meanfield", {}, "adam"), ("fullrank", {}, "adam"),
+                                           ("lowrank", {"rank": 1}, "adam"), ("meanfield", {}, "sgd")])
+def test_sums_taken_in_the_optimisers_pass_are_the_numpy_sums(family, kw, opt):
+    """vg.fit's gradient and iterate sums, taken in the optimiser's pass, give the monitor and the
+    SNR of the NumPy path (ConvergenceMonitor.update, _GradStats.add) to the bit, across segment
+    merges, window restarts and the SNR window's reset."""
+    optimizer = vg.optim.adam(0.05) if opt == "adam" else vg.optim.sgd(0.02, momentum=0.5)
+    vi = vg.VI(LJ, family, optimizer=optimizer, num_samples=4, **kw)
+    start = vi.init(np.ones(3), rng=2)
+    m0, s0, stops0 = _fit_loop(vi, start, 230, fused=False)
+    m1, s1, stops1 = _fit_loop(vi, start, 230, fused=True)
+    assert stops0 == stops1
+    for a, b in zip(m0.average(), m1.average()):
+        np.testing.assert_array_equal(a, b)
+    r0, r1 = m0.report(), m1.report()
+    assert (r0.max_mcse, r0.max_drift_z, r0.tau, r0.window, r0.restarts) == \
+        (r1.max_mcse, r1.max_drift_z, r1.tau, r1.window, r1.restarts)
+    np.testing.assert_array_equal(r0.mcse_loc, r1.mcse_loc)
+    assert s0.snr() == s1.snr() and s0.last == s1.last and s0.last is not None
+
+
+def test_a_log_joints_gradient_is_released_one_step_later():
+    """The step holds the latest log joint gradient until the next one is made (see VI._step),
+    never more."""
+    import weakref
+    made = []
+
+    def lj(z):
+        v, g = LJ(z)
+        g = np.array(g)
+        made.append(weakref.ref(g))
+        return v, g
+
+    vi = vg.VI(lj, "meanfield", num_samples=4)
+    state = vi.init(np.zeros(3), rng=0)
+    for t in range(5):
+        state, info = vi.step(state)
+        del info
+        assert [r() is None for r in made] == [True] * t + [False]

@@ -598,6 +598,19 @@ class VI:
             pool = self._local.pool = _Reuse()
         return pool
 
+    def _q_entropy(self, params, workers):
+        """(q, its entropy or None) at the fitted parameters, checked (a ValueError if not valid).
+        Mean field: softplus, the checks and the entropy in one pass (``_core.mf_scale_entropy``),
+        into a recycled array."""
+        if self.family == "meanfield":
+            loc, rho = params
+            if loc.dtype == rho.dtype and loc.flags.c_contiguous and rho.flags.c_contiguous:
+                scale = self._recycle()(rho.shape, rho.dtype)
+                entropy, ok = _core.mf_scale_entropy(loc.reshape(-1), rho.reshape(-1), scale.reshape(-1), workers)
+                if ok:
+                    return self._cls._from_params(params, workers, scale=scale), float(entropy)
+        return self._cls._from_params(params, workers), None
+
     def _log_det(self, T):
         ref, value = self._logdet
         if ref is not T:
@@ -631,7 +644,10 @@ class VI:
         t = int(state.step)
         S, nw = self.num_samples, self.workers
         cached = getattr(self._local, "q", None)
-        q = cached[1] if cached is not None and cached[0] is params else self._cls._from_params(params, nw)
+        if cached is not None and cached[0] is params:
+            q, entropy = cached[1], cached[2]
+        else:
+            q, entropy = self._q_entropy(params, nw)
         d = q.size
         pool = self._pool()
         x, eps = q._sample_noise(S, _step_key(int(state.key), t), nw,
@@ -660,7 +676,9 @@ class VI:
         else:
             grads = _score_gradient(q, x, eps, log_p)
         del z, x, eps  # the work arrays are free for the next step
-        loss = -float(log_p.mean()) - _entropy(q, nw) - self._log_det(T)
+        if entropy is None:
+            entropy = _entropy(q, nw)
+        loss = -float(log_p.mean()) - entropy - self._log_det(T)
         if not math.isfinite(loss):
             raise FitError(f"the fit diverged at step {t}: the -ELBO is not finite", t, None)
         try:
@@ -678,7 +696,7 @@ class VI:
         del g
         new_params = tuple(_frozen(p) for p in new_params)
         try:
-            self._local.q = (new_params, self._cls._from_params(new_params, nw))  # checked; the next step's q
+            self._local.q = (new_params, *self._q_entropy(new_params, nw))  # checked; the next step's q
         except ValueError as exc:
             raise FitError(f"the fit diverged at step {t}: {exc}", t, None) from None
         info = VIInfo(loss, _grad_norm(grads, self._recycle()), tuple(grads))
