@@ -412,3 +412,11 @@ def test_a_log_joints_gradient_is_released_one_step_later():
         state, info = vi.step(state)
         del info
         assert [r() is None for r in made] == [True] * t + [False]
+
+
+def test_a_fit_callback_sees_the_steps_gradient_norm():
+    """vg.fit skips the gradient norm when nothing reads it; its callback's info has it."""
+    seen = []
+    vg.fit(LJ, np.zeros(3), rng=0, num_steps=30, map_init=False,
+           callback=lambda s, i: seen.append(i.grad_norm == vg.optim.global_norm(i.grads)) and False)
+    assert seen == [True] * 30

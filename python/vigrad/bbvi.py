@@ -326,7 +326,7 @@ def fit(log_joint: Callable, init, *, family: str = "meanfield", rank: Optional[
         gsums, isums = stats.pending(state.params), monitor._pending_sums()
         sums = tuple(g + (isums[b] if isums is not None else (None,) * 5) for b, g in enumerate(gsums))
         try:
-            new_state, info = vi._step(state, sums)
+            new_state, info = vi._step(state, sums, grad_norm=callback is not None)  # info goes to the callback only
         except FitError as exc:
             partial = _result(vi, monitor, state, losses[:t], stats, counted, opt, lap, "error", gen, 0, nw,
                               last_state=True)

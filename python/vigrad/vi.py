@@ -636,9 +636,10 @@ class VI:
         """
         return self._step(state)
 
-    def _step(self, state: VIState, sums=None):
+    def _step(self, state: VIState, sums=None, grad_norm=True):
         """:meth:`step`, also updating a fit's running sums (``sums``: one tuple per parameter block,
-        see ``vigrad.optim._step_sums``) out of place in the optimiser's pass."""
+        see ``vigrad.optim._step_sums``) in the optimiser's pass; ``grad_norm=False``: info.grad_norm
+        is nan (a pass over the gradient that vg.fit without a callback never reads)."""
         _check_state(state)
         params, shift, T = state.params, state.shift, state.scale
         t = int(state.step)
@@ -699,7 +700,7 @@ class VI:
             self._local.q = (new_params, *self._q_entropy(new_params, nw))  # checked; the next step's q
         except ValueError as exc:
             raise FitError(f"the fit diverged at step {t}: {exc}", t, None) from None
-        info = VIInfo(loss, _grad_norm(grads, self._recycle()), tuple(grads))
+        info = VIInfo(loss, _grad_norm(grads, self._recycle()) if grad_norm else math.nan, tuple(grads))
         return VIState(new_params, opt_state, state.key, np.array(t + 1, dtype=np.int64), shift, T), info
 
 
