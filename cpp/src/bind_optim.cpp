@@ -1,5 +1,4 @@
 // Bindings: the update rules of vg.optim (optim.hpp), in place or into separate outputs.
-#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -75,67 +74,6 @@ void def_optim(py::module_& m) {
       py::arg("workers"),
       "One Adam step (AdamStep's arithmetic) from (params, m, v) into the outputs, which may be the inputs "
       "themselves; params are first multiplied by decay = 1 - lr * weight_decay (skipped when 1).  Returns "
-      "whether every gradient was finite.");
-  m.def(
-      "optim_adam_sums",
-      [](carray<Real> p, carray<Real> g, carray<Real> mm, carray<Real> v, carray<Real> p_out, carray<Real> m_out,
-         carray<Real> v_out, std::int64_t step, double lr, double b1, double b2, double eps, double decay,
-         std::optional<carray<Real>> g1, std::optional<carray<Real>> g2, std::optional<carray<Real>> g1_out,
-         std::optional<carray<Real>> g2_out, std::optional<carray<Real>> c, std::optional<carray<Real>> s1,
-         std::optional<carray<Real>> s2, std::optional<carray<Real>> s1_out, std::optional<carray<Real>> s2_out,
-         int workers) {
-        const bool grad_sums = g1 || g2 || g1_out || g2_out, iter_sums = c || s1 || s2 || s1_out || s2_out;
-        if (grad_sums && !(g1 && g2 && g1_out && g2_out))
-          throw py::value_error("grad_sum1, grad_sum2, out_grad_sum1 and out_grad_sum2 must be given together");
-        if (iter_sums && !(c && s1 && s2 && s1_out && s2_out))
-          throw py::value_error("shift, sum1, sum2, out_sum1 and out_sum2 must be given together");
-        std::vector<Pair> pairs{{p, p_out, "params"}, {mm, m_out, "m"}, {v, v_out, "v"}};
-        if (grad_sums) {
-          pairs.push_back({*g1, *g1_out, "grad_sum1"});
-          pairs.push_back({*g2, *g2_out, "grad_sum2"});
-        }
-        if (iter_sums) {
-          pairs.push_back({*s1, *s1_out, "sum1"});
-          pairs.push_back({*s2, *s2_out, "sum2"});
-        }
-        const std::int64_t n = check_update(g, pairs);
-        if (iter_sums) {
-          require_shape(*c, {n}, "shift", "(n,) like params");
-          for (const Pair& q : pairs)
-            if (overlaps(*c, q.out)) throw py::value_error(std::string("shift must not overlap out_") + q.name);
-        }
-        if (step < 0) throw py::value_error("step must be >= 0, got " + std::to_string(step));
-        check_workers(workers);
-        core::StepSums<Real> sums{};
-        if (grad_sums) {
-          sums.g1 = rptr<Real>(*g1);
-          sums.g2 = rptr<Real>(*g2);
-          sums.g1_out = wptr<Real>(*g1_out);
-          sums.g2_out = wptr<Real>(*g2_out);
-        }
-        if (iter_sums) {
-          sums.c = rptr<Real>(*c);
-          sums.s1 = rptr<Real>(*s1);
-          sums.s2 = rptr<Real>(*s2);
-          sums.s1_out = wptr<Real>(*s1_out);
-          sums.s2_out = wptr<Real>(*s2_out);
-        }
-        const Real *pp = rptr<Real>(p), *gp = rptr<Real>(g), *mp = rptr<Real>(mm), *vp = rptr<Real>(v);
-        Real *po = wptr<Real>(p_out), *mo = wptr<Real>(m_out), *vo = wptr<Real>(v_out);
-        py::gil_scoped_release release;
-        return core::kernels<Real>().adam_step_sums(pp, gp, mp, vp, po, mo, vo, n, step, lr, b1, b2, eps, decay, sums,
-                                                    workers);
-      },
-      py::arg("params").noconvert(), py::arg("grads").noconvert(), py::arg("m").noconvert(), py::arg("v").noconvert(),
-      py::arg("out_params").noconvert(), py::arg("out_m").noconvert(), py::arg("out_v").noconvert(),
-      py::arg("step"), py::arg("lr"), py::arg("b1"), py::arg("b2"), py::arg("eps"), py::arg("decay"),
-      py::arg("grad_sum1").noconvert(), py::arg("grad_sum2").noconvert(), py::arg("out_grad_sum1").noconvert(),
-      py::arg("out_grad_sum2").noconvert(), py::arg("shift").noconvert(), py::arg("sum1").noconvert(),
-      py::arg("sum2").noconvert(), py::arg("out_sum1").noconvert(), py::arg("out_sum2").noconvert(),
-      py::arg("workers"),
-      "optim_adam with a fit's running sums taken in the same pass (None: not taken): "
-      "out_grad_sum1 = grad_sum1 + g, out_grad_sum2 = grad_sum2 + g * g, and with dev = new params - shift, "
-      "out_sum1 = sum1 + dev, out_sum2 = sum2 + dev * dev.  Each output may be its input (in place).  Returns "
       "whether every gradient was finite.");
   m.def(
       "optim_sgd",

@@ -207,7 +207,6 @@ Kernels<Real> make_kernels() {
   k.bbb_grad = &bbb_grad_entry<Real>;
   k.adam_update = &adam_update<Real>;
   k.adam_step = &adam_step<Real>;
-  k.adam_step_sums = &adam_step_sums<Real>;
   k.sgd_step = &sgd_step<Real>;
   k.rmsprop_step = &rmsprop_step<Real>;
   return k;

@@ -116,29 +116,16 @@ class _GradStats:
 
     def __init__(self, names):
         self.names, self.n, self.sums, self.last, self.tmp = names, 0, None, None, None
-        self.spare = None  # (sum1, sum2) per block: where a fused step writes the next sums
 
-    def pending(self, params):
-        """Per block (sum1, sum2, out_sum1, out_sum2) for the optimiser's pass to update out of place
-        with the next gradient (then ``add(grads, summed=True)``)."""
+    def add(self, grads):
         if self.sums is None:
-            self.sums = [[np.zeros(p.shape), np.zeros(p.shape)] for p in params]
-        if self.spare is None:
-            self.spare = [[np.empty(p.shape), np.empty(p.shape)] for p in params]
-        return tuple((s1, s2, o1, o2) for (s1, s2), (o1, o2) in zip(self.sums, self.spare))
-
-    def add(self, grads, summed=False):
-        if summed:  # the step wrote sums + g, sums + g * g to the spares: swap them in
-            self.sums, self.spare = self.spare, self.sums
-        else:
-            if self.sums is None:
-                self.sums = [[np.zeros(g.shape), np.zeros(g.shape)] for g in grads]
-            if self.tmp is None:
-                self.tmp = [np.empty(g.shape) for g in grads]
-            for (s1, s2), g, tmp in zip(self.sums, grads, self.tmp):
-                s1 += g
-                np.multiply(g, g, out=tmp)
-                s2 += tmp
+            self.sums = [[np.zeros(g.shape), np.zeros(g.shape)] for g in grads]
+        if self.tmp is None:
+            self.tmp = [np.empty(g.shape) for g in grads]
+        for (s1, s2), g, tmp in zip(self.sums, grads, self.tmp):
+            s1 += g
+            np.multiply(g, g, out=tmp)
+            s2 += tmp
         self.n += 1
         if self.n == _SNR_WINDOW:
             self.last, self.n = self.snr(), 0
@@ -322,11 +309,8 @@ def fit(log_joint: Callable, init, *, family: str = "meanfield", rank: Optional[
     t_start = time.perf_counter()
     restarts, max_samples = 0, vi.num_samples * (_SAMPLES_GROWTH if num_samples is None else 1)
     while t < num_steps:
-        # the gradient sums and the monitor's iterate sums are taken in the optimiser's pass
-        gsums, isums = stats.pending(state.params), monitor._pending_sums()
-        sums = tuple(g + (isums[b] if isums is not None else (None,) * 5) for b, g in enumerate(gsums))
         try:
-            new_state, info = vi._step(state, sums, grad_norm=callback is not None)  # info goes to the callback only
+            new_state, info = vi._step(state, grad_norm=callback is not None)  # info.grad_norm: for the callback
         except FitError as exc:
             partial = _result(vi, monitor, state, losses[:t], stats, counted, opt, lap, "error", gen, 0, nw,
                               last_state=True)
@@ -334,8 +318,8 @@ def fit(log_joint: Callable, init, *, family: str = "meanfield", rank: Optional[
         losses[t] = info.loss
         t += 1
         state = new_state
-        stats.add(info.grads, summed=True)
-        stop = monitor.update(state, info.loss, _summed=isums is not None)
+        stats.add(info.grads)
+        stop = monitor.update(state, info.loss)
         if monitor.report().restarts > restarts:
             # still drifting: more samples per step raise the gradient's signal to noise, and so
             # the progress per step of an optimiser that normalises its steps (Adam)

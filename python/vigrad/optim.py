@@ -460,23 +460,7 @@ def _check_inplace(arrs, what):
                              f"(contiguous {a.flags.c_contiguous}, writeable {a.flags.writeable})")
 
 
-def _step_sums(g, p, sums):
-    """The running sums of a fit (vg.vi) after one update, out of place, with NumPy: the same
-    arithmetic as the fused kernel (``_core.optim_adam_sums``).  ``sums`` is (grad_sum1,
-    grad_sum2, out_grad_sum1, out_grad_sum2, shift, sum1, sum2, out_sum1, out_sum2); a group of
-    None is skipped."""
-    g1, g2, g1o, g2o, c, s1, s2, s1o, s2o = sums
-    if g1 is not None:
-        np.add(g1, g, out=g1o)
-        np.add(g2, np.multiply(g, g), out=g2o)
-    if c is not None:
-        dev = p - c
-        np.add(s1, dev, out=s1o)
-        dev *= dev
-        np.add(s2, dev, out=s2o)
-
-
-def _make(name, hyper, schedule, clip_norm, clip_value, weight_decay, moment_fields, kernel, sums_kernel=False):
+def _make(name, hyper, schedule, clip_norm, clip_value, weight_decay, moment_fields, kernel):
     """Build an Optimizer around a core kernel.
 
     ``kernel(p, g, moments, out_p, out_moments, step, lr, decay, workers) -> bool`` runs the rule
@@ -484,11 +468,8 @@ def _make(name, hyper, schedule, clip_norm, clip_value, weight_decay, moment_fie
     to the outputs, which may be the inputs themselves; ``step`` counts the updates before this
     one, ``decay = 1 - lr * weight_decay``; it returns whether every gradient was finite.
     ``moment_fields`` lists the state's tuple fields that are in use (others are ``()``).
-    ``sums_kernel``: ``kernel`` also takes ``sums=`` (see :func:`_step_sums`) and adds them in its pass.
-
-    ``update`` takes two private keywords for vg.vi's step: ``_alloc(shape, dtype)`` makes the
-    out-of-place outputs (default ``np.empty``), and ``_sums``, one tuple per parameter (see
-    :func:`_step_sums`), the running sums to update with the gradients and the new parameters.
+    ``update`` takes a private keyword for vg.vi's step: ``_alloc(shape, dtype)`` makes the
+    out-of-place outputs (default ``np.empty``; vg.vi recycles the arrays of earlier states).
     """
     state_type = _STATE_TYPES[name]
     tuple_fields = state_type._fields[1:]
@@ -498,7 +479,7 @@ def _make(name, hyper, schedule, clip_norm, clip_value, weight_decay, moment_fie
         fields = {f: (_zeros_like(arrs) if f in moment_fields else ()) for f in tuple_fields}
         return state_type(step=_step_array(0), **fields)
 
-    def update(grads, state, params, *, inplace=False, workers=None, _alloc=None, _sums=None):
+    def update(grads, state, params, *, inplace=False, workers=None, _alloc=None):
         p_arrs, single = _as_tuple(params, "params")
         g_raw, _ = _as_tuple(grads, "grads")
         if len(g_raw) != len(p_arrs):
@@ -554,21 +535,13 @@ def _make(name, hyper, schedule, clip_norm, clip_value, weight_decay, moment_fie
             new_params.append(out_p)
             for f in moment_fields:
                 new_moments[f].append(out_m[f])
-        # a fit's running sums (vg.vi) go into the kernel's pass when it takes them and sees the
-        # caller's gradients (not clipped ones) in float64; otherwise NumPy adds them after it
-        fused = (_sums is not None and sums_kernel and clip_value is None and clip_norm is None
-                 and all(g is gr and g.dtype == np.float64 for g, gr in zip(g_arrs, g_raw)))
         finite = True
-        for i, (p, g, moments, out_p, out_m) in enumerate(outputs):
-            extra = {"sums": _sums[i]} if fused else {}
+        for p, g, moments, out_p, out_m in outputs:
             ok = kernel(_flat(p), _flat(g), {f: _flat(a) for f, a in moments.items()}, out_p.reshape(-1),
-                        {f: a.reshape(-1) for f, a in out_m.items()}, step, lr, decay, nw, **extra)
+                        {f: a.reshape(-1) for f, a in out_m.items()}, step, lr, decay, nw)
             finite = finite and ok
         if not finite:  # out of place: the outputs are dropped, the caller's arrays were only read
             _check_finite_grads(g_arrs)
-        if _sums is not None and not fused:
-            for g, p, sums in zip(g_raw, new_params, _sums):
-                _step_sums(g, p, sums)
         fields = {f: (tuple(new_moments[f]) if f in moment_fields else ()) for f in tuple_fields}
         new_state = state_type(step=_step_array(step + 1), **fields)
         return (new_params[0] if single else tuple(new_params)), new_state
@@ -615,16 +588,12 @@ def adam(lr=1e-3, *, b1=0.9, b2=0.999, eps=1e-8, clip_norm=None, clip_value=None
     b2 = _check_unit_interval(b2, "b2")
     eps = check_real(eps, "eps", positive=True)
 
-    def kernel(p, g, mom, out_p, out_mom, step, lr_t, decay, workers, sums=None):
-        if sums is None:
-            return _core.optim_adam(p, g, mom["m"], mom["v"], out_p, out_mom["m"], out_mom["v"], step, lr_t,
-                                    b1, b2, eps, decay, workers)
-        return _core.optim_adam_sums(p, g, mom["m"], mom["v"], out_p, out_mom["m"], out_mom["v"], step, lr_t,
-                                     b1, b2, eps, decay, *(None if a is None else a.reshape(-1) for a in sums),
-                                     workers)
+    def kernel(p, g, mom, out_p, out_mom, step, lr_t, decay, workers):
+        return _core.optim_adam(p, g, mom["m"], mom["v"], out_p, out_mom["m"], out_mom["v"], step, lr_t,
+                                b1, b2, eps, decay, workers)
 
     hyper = dict(lr=lr, b1=b1, b2=b2, eps=eps, clip_norm=clip_norm, clip_value=clip_value, weight_decay=weight_decay)
-    return _make("adam", hyper, schedule, clip_norm, clip_value, weight_decay, ("m", "v"), kernel, sums_kernel=True)
+    return _make("adam", hyper, schedule, clip_norm, clip_value, weight_decay, ("m", "v"), kernel)
 
 
 def sgd(lr, *, momentum=0.0, nesterov=False, clip_norm=None, clip_value=None, weight_decay=0.0) -> Optimizer:

@@ -636,10 +636,9 @@ class VI:
         """
         return self._step(state)
 
-    def _step(self, state: VIState, sums=None, grad_norm=True):
-        """:meth:`step`, also updating a fit's running sums (``sums``: one tuple per parameter block,
-        see ``vigrad.optim._step_sums``) in the optimiser's pass; ``grad_norm=False``: info.grad_norm
-        is nan (a pass over the gradient that vg.fit without a callback never reads)."""
+    def _step(self, state: VIState, grad_norm=True):
+        """:meth:`step`; ``grad_norm=False``: info.grad_norm is nan (a pass over the gradient that
+        vg.fit without a callback never reads)."""
         _check_state(state)
         params, shift, T = state.params, state.shift, state.scale
         t = int(state.step)
@@ -686,7 +685,7 @@ class VI:
             # the optimiser's kernel reports a non-finite gradient (in the family's gradients,
             # which are non-finite whenever an input is): the (S, d) ones are searched only then
             new_params, opt_state = self.optimizer.update(grads, state.opt_state, params, workers=nw,
-                                                          _alloc=self._recycle(), _sums=sums)
+                                                          _alloc=self._recycle())
         except ValueError:
             if not all(np.isfinite(gb).all() for gb in grads):
                 if g is not None:
@@ -768,18 +767,15 @@ class _Segment:
         self.s2 = tuple(np.zeros(p.shape) for p in params)
         self.nl, self.l1, self.l2 = 0, 0.0, 0.0  # the losses' count, sum and sum of squares
 
-    def count(self, loss):
-        """One more step (its sums taken already, e.g. in the optimiser's pass)."""
+    def add(self, params, loss, work):
+        """Add one iterate; ``work``: one float64 array per block, of its shape (overwritten)."""
         if loss is not None:
             self.nl += 1
             self.l1 += loss
             self.l2 += loss * loss
         self.n += 1
-
-    def add(self, params, loss):
-        self.count(loss)
-        for c, s1, s2, x in zip(self.c, self.s1, self.s2, params):
-            dev = x - c
+        for c, s1, s2, x, dev in zip(self.c, self.s1, self.s2, params, work):
+            np.subtract(x, c, out=dev)
             s1 += dev
             dev *= dev
             s2 += dev
@@ -942,6 +938,7 @@ class ConvergenceMonitor:
         self._since_row = 0
         self._tracked = None      # (block, flat index) pairs
         self._state = None
+        self._dev = None          # per block: the work array of _Segment.add
         self._restarts = 0
         self._report = MonitorReport(False, 0, math.nan, math.nan, math.nan, np.zeros(0), 0)
 
@@ -960,17 +957,7 @@ class ConvergenceMonitor:
     def _row(self, params):
         return np.concatenate([p.reshape(-1)[sel] for p, sel in zip(params, self._tracked)])
 
-    def _pending_sums(self):
-        """Per parameter block (shift, sum1, sum2, sum1, sum2): the sums the next iterate goes into,
-        for the optimiser's pass to update in place (``VI._step(state, sums)``, then
-        ``update(new_state, loss, _summed=True)``); None when the next iterate starts a segment.
-        In place is safe: after a failed step the fit ends, and the segment's sums are not read."""
-        cur = self._current
-        if cur is None:
-            return None
-        return tuple((c, s1, s2, s1, s2) for c, s1, s2 in zip(cur.c, cur.s1, cur.s2))
-
-    def update(self, state: VIState, loss: Optional[float] = None, *, _summed: bool = False) -> bool:
+    def update(self, state: VIState, loss: Optional[float] = None) -> bool:
         """Record the iterate ``state`` (call once per step, with the state after it) and the
         step's -ELBO estimate ``loss`` (``info.loss``, optional); True: stop."""
         _check_state(state)
@@ -981,14 +968,11 @@ class ConvergenceMonitor:
         self._seen += 1
         if self._tracked is None:
             self._track(p)
-        if _summed:  # the step added this iterate to the segment's sums (see _pending_sums)
-            if self._current is None:
-                raise RuntimeError("ConvergenceMonitor.update(_summed=True) without _pending_sums() first")
-            self._current.count(loss)
-        else:
-            if self._current is None:
-                self._current = _Segment(p)
-            self._current.add(p, loss)
+        if self._current is None:
+            self._current = _Segment(p)
+        if self._dev is None or any(a.shape != x.shape for a, x in zip(self._dev, p)):
+            self._dev = tuple(np.empty(x.shape) for x in p)
+        self._current.add(p, loss, self._dev)
         self._since_row += 1
         if self._since_row >= self._thin:
             self._hist.append(self._row(p))

@@ -50,19 +50,6 @@ struct AdamArgs {
   double lr, b1, b2, eps;
 };
 
-// Running sums a fit keeps over its steps, updated out of place in the optimiser's pass over a
-// block (optim.hpp, adam_step_sums), while the block's gradient and new parameters are in cache:
-//   g1_out = g1 + g,  g2_out = g2 + g * g                  (gradient sums; g1 null: none)
-//   dev = p_new - c,  s1_out = s1 + dev,  s2_out = s2 + dev * dev   (shifted iterate sums; c null: none)
-// An output may be its input (in place).
-template <class Real>
-struct StepSums {
-  const Real *g1, *g2;
-  Real *g1_out, *g2_out;
-  const Real *c, *s1, *s2;
-  Real *s1_out, *s2_out;
-};
-
 // One level's kernels for one floating-point type.  Each entry is the kernel of the same name in
 // the headers, with run-time enums where the header has template parameters; the meaning of
 // every argument is documented there.
@@ -121,9 +108,6 @@ struct Kernels {
   bool (*adam_step)(const Real* p, const Real* g, const Real* m, const Real* v, Real* p_out, Real* m_out,
                     Real* v_out, std::int64_t n, std::int64_t step, double lr, double b1, double b2, double eps,
                     double decay, int workers);
-  bool (*adam_step_sums)(const Real* p, const Real* g, const Real* m, const Real* v, Real* p_out, Real* m_out,
-                         Real* v_out, std::int64_t n, std::int64_t step, double lr, double b1, double b2,
-                         double eps, double decay, const StepSums<Real>& sums, int workers);
   bool (*sgd_step)(const Real* p, const Real* g, const Real* buf, Real* p_out, Real* buf_out, std::int64_t n,
                    double lr, double momentum, bool nesterov, double decay, int workers);
   bool (*rmsprop_step)(const Real* p, const Real* g, const Real* s, const Real* buf, Real* p_out, Real* s_out,

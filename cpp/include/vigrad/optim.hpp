@@ -15,7 +15,6 @@
 #include <cstdint>
 
 #include "bbb.hpp"
-#include "kernels.hpp"
 #include "parallel.hpp"
 
 namespace vigrad::core {
@@ -48,60 +47,20 @@ inline bool for_update_blocks(const Real* g, std::int64_t n, int workers, F&& f)
   return !bad.load();
 }
 
-// The StepSums (kernels.hpp) of one block [j0, j0 + len), len <= kBlock: g and p point at the
-// block's gradient and new parameters.  The same bits as NumPy's g1 + g, g2 + g * g and
-// dev = p - c, s1 + dev, s2 + dev * dev: each square goes through the block's buffer before it is
-// added, so that the compiler cannot contract the two into one fused multiply-add (gcc does in
-// one loop, with -mfma, and that rounds once instead of twice).
+// Adam: the arithmetic of AdamStep (bbb.hpp), after the optional weight decay.
 template <class Real>
-inline void add_step_sums(const StepSums<Real>& s, const Real* g, const Real* p, std::int64_t j0, std::int64_t len) {
-  alignas(64) Real sq[kBlock];
-  if (s.g1) {
-    const Real *g1 = s.g1 + j0, *g2 = s.g2 + j0;
-    Real *g1o = s.g1_out + j0, *g2o = s.g2_out + j0;
-    for (std::int64_t j = 0; j < len; ++j) {
-      g1o[j] = g1[j] + g[j];
-      sq[j] = g[j] * g[j];
-    }
-    for (std::int64_t j = 0; j < len; ++j) g2o[j] = g2[j] + sq[j];
-  }
-  if (s.c) {
-    const Real *c = s.c + j0, *s1 = s.s1 + j0, *s2 = s.s2 + j0;
-    Real *s1o = s.s1_out + j0, *s2o = s.s2_out + j0;
-    for (std::int64_t j = 0; j < len; ++j) {
-      const Real dev = p[j] - c[j];
-      s1o[j] = s1[j] + dev;
-      sq[j] = dev * dev;
-    }
-    for (std::int64_t j = 0; j < len; ++j) s2o[j] = s2[j] + sq[j];
-  }
-}
-
-// Adam: the arithmetic of AdamStep (bbb.hpp), after the optional weight decay; with the running
-// sums of a fit (StepSums) taken in the same pass over each block, after its update.
-template <class Real>
-bool adam_step_sums(const Real* p, const Real* g, const Real* m, const Real* v, Real* p_out, Real* m_out,
-                    Real* v_out, std::int64_t n, std::int64_t step, double lr, double b1, double b2, double eps,
-                    double decay, const StepSums<Real>& sums, int workers) {
+bool adam_step(const Real* p, const Real* g, const Real* m, const Real* v, Real* p_out, Real* m_out, Real* v_out,
+               std::int64_t n, std::int64_t step, double lr, double b1, double b2, double eps, double decay,
+               int workers) {
   const AdamStep<Real> st(step, lr, b1, b2, eps);
   const Real dc = static_cast<Real>(decay);
   const bool decayed = decay != 1.0;
-  const bool with_sums = sums.g1 != nullptr || sums.c != nullptr;
   return for_update_blocks(g, n, workers, [&](std::int64_t j0, std::int64_t len) {
     take_params(p + j0, p_out + j0, len, dc, decayed);
     take_block(m + j0, m_out + j0, len);
     take_block(v + j0, v_out + j0, len);
     st.apply(p_out + j0, g + j0, m_out + j0, v_out + j0, len);
-    if (with_sums) add_step_sums(sums, g + j0, p_out + j0, j0, len);
   });
-}
-
-template <class Real>
-bool adam_step(const Real* p, const Real* g, const Real* m, const Real* v, Real* p_out, Real* m_out, Real* v_out,
-               std::int64_t n, std::int64_t step, double lr, double b1, double b2, double eps, double decay,
-               int workers) {
-  const StepSums<Real> none{};
-  return adam_step_sums(p, g, m, v, p_out, m_out, v_out, n, step, lr, b1, b2, eps, decay, none, workers);
 }
 
 // SGD with optional (Nesterov) momentum, as torch.optim.SGD with a zero-initialised buffer:
