@@ -3,10 +3,9 @@
 Mean field, d = 10^5, S = 8, no MAP start.  Each group times 50 steps of
 
 * ``vg.fit``: the whole driver (VI.step: sampling, the log joint, the fused gradient, the -ELBO,
-  the optimiser, whose pass over each block also takes the convergence monitor's sums and the
-  SNR's gradient sums; the next step's q and its entropy in one pass; the gradient norm),
-  started by one probing call of the log joint (excluded from the ratio by the per-step figures
-  in bench/README.md, since it is 1 call in 51);
+  the optimiser, the next step's q and its entropy in one pass; the convergence monitor's sums;
+  the gradient statistics), started by one probing call of the log joint (excluded from the
+  ratio by the per-step figures in bench/README.md, since it is 1 call in 51);
 * ``parts``: the same 50 x (sampling with the noise, the log joint, the fused pathwise gradient),
   on the same keys and arrays, i.e. what any implementation of the step must do;
 * ``log_joint``: the log joint alone on the same batches.
