@@ -169,8 +169,8 @@ class _Reuse:
 
 class _Recycle:
     """New arrays for the step's out-of-place results (the optimiser's parameters and moments, the
-    fit's running sums), made from the memory of earlier ones that nothing holds any more (only
-    this pool: the reference count they had right after they were made).  A state, a view of one
+    next q's scales, the squares of the gradient norm), made from the memory of earlier ones that
+    nothing holds any more (only this pool: the reference count they had right after they were made).  A state, a view of one
     of its arrays, a buffer export or a pickle keeps an array from being reused; one not reused
     is never written.  A fresh array per step page-faults in its memory (or, with glibc's
     malloc, makes the heap shrink and grow around the log joint's own temporaries)."""
@@ -410,6 +410,10 @@ class VI:
     -----
     :meth:`step` is pure: it reads the state and returns a new one, and the same state gives
     the same bits (its work arrays are per thread and their contents never reach a result).
+    Its new arrays reuse the memory of earlier states' arrays that nothing references any more,
+    and each thread's VI keeps the latest log joint's gradient until its next step (an (S, d)
+    array: freeing it at the end of the step made glibc's malloc return the log joint's own
+    temporaries to the system, to be page-faulted in again at every call).
     Costs per step: S log-joint evaluations in one call, the family's sampling and pathwise
     gradient in the core (O(S d) mean field, O(S d r) low rank, O(S d^2) full rank) and one
     fused optimiser pass.
