@@ -179,6 +179,7 @@ class _Recycle:
 
     def __init__(self):
         self.free = {}
+        self.next = {}  # per key: where the next search starts (arrays come free in turn)
 
     @staticmethod
     def _count(kept, i):
@@ -186,10 +187,14 @@ class _Recycle:
         return buf, unused, sys.getrefcount(buf)
 
     def __call__(self, shape, dtype):
-        kept = self.free.setdefault((tuple(shape), np.dtype(dtype)), [])
-        for i in range(len(kept)):
+        key = (tuple(shape), np.dtype(dtype))
+        kept = self.free.setdefault(key, [])
+        n, start = len(kept), self.next.get(key, 0)
+        for k in range(n):
+            i = (start + k) % n
             buf, unused, now = self._count(kept, i)
             if now == unused:
+                self.next[key] = i + 1
                 buf.flags.writeable = True  # the pool's own array: nothing else sees it
                 return buf
         buf = np.empty(shape, dtype)
