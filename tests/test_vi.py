@@ -315,11 +315,17 @@ def test_mf_scale_entropy_is_softplus_then_mf_entropy(dtype, D):
         want = _core.softplus(rho, 1)
         np.testing.assert_array_equal(scale, want)
         assert ok and entropy == _core.mf_entropy(want, 1)
+    ref_scale = np.empty(D, dtype)
+    ref_entropy, ref_ok = vg.reference.mf_scale_entropy(loc, rho, ref_scale, 1)  # the NumPy reference
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(scale, ref_scale, rtol=rtol)
+    assert ref_ok and entropy == pytest.approx(ref_entropy, rel=rtol, abs=rtol * D)
     for bad_loc, bad_rho in [(np.nan, 0.0), (0.0, np.inf), (0.0, -np.inf), (0.0, -800.0 if dtype == np.float64
                                                                                  else -120.0)]:
         l2, r2 = loc.copy(), rho.copy()
         l2[D // 2], r2[D // 2] = l2[D // 2] + bad_loc, bad_rho if bad_rho != 0.0 else r2[D // 2]
         assert not _core.mf_scale_entropy(l2, r2, np.empty(D, dtype), 1)[1]
+        assert not vg.reference.mf_scale_entropy(l2, r2, np.empty(D, dtype), 1)[1]
     with pytest.raises(ValueError, match="out_scale must not overlap"):
         _core.mf_scale_entropy(loc, rho, rho, 1)
     with pytest.raises(ValueError, match="rho"):
