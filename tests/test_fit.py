@@ -339,9 +339,9 @@ def test_the_log_joint_gets_a_read_only_z(estimator, map_init):
 
 @pytest.mark.parametrize("fail_at", [37, 130])
 def test_a_failed_step_leaves_the_gradient_snr_of_the_steps_before_it(fail_at):
-    """The SNR's gradient sums are taken in the optimiser's pass; a step whose gradient is not
-    finite must not reach them: the failed fit reports the SNR of the steps before it, computed
-    here from their gradients (np.std, ddof=1) over the current 100-step window."""
+    """A step whose gradient is not finite does not reach the SNR's running sums (kept in place
+    across its 100-step windows): the failed fit reports the SNR of the steps before it, computed
+    here from their gradients (np.std, ddof=1) over the current window."""
     calls, grads = [0], []
 
     def lj(z):
