@@ -391,12 +391,13 @@ def test_a_fit_callback_sees_the_steps_gradient_norm():
 
 def test_a_loop_that_drops_its_states_reuses_their_memory():
     """The point of the recycling (a fresh array per step page-faults in its memory): a loop that
-    keeps only the latest state steps in a handful of arrays, not a new one per step."""
+    keeps only the latest state steps in a handful of the pool's arrays, not a new one per step."""
     d = 40
     vi = vg.VI(gaussian_log_joint(np.zeros(d), np.eye(d))[0], "meanfield", num_samples=4)
     state = vi.init(np.ones(d), rng=0)
     seen = set()
     for _ in range(50):
         state, _ = vi.step(state)
-        seen.add(state.params[0].__array_interface__["data"][0])
-    assert len(seen) <= 4
+        seen.update(id(a) for a in (*state.params, *state.opt_state.m, *state.opt_state.v))
+    pool = {id(buf) for kept in vi._recycle().free.values() for buf, _ in kept}  # held by the pool
+    assert seen <= pool and len(pool) <= 16
