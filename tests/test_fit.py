@@ -337,6 +337,33 @@ def test_the_log_joint_gets_a_read_only_z(estimator, map_init):
     assert np.all(np.abs(res.q.mean - m) <= 5 * res.diagnostics.mcse_mean + 0.02)
 
 
+@pytest.mark.parametrize("fail_at", [37, 130])
+def test_a_failed_step_leaves_the_gradient_snr_of_the_steps_before_it(fail_at):
+    """A step whose gradient is not finite does not reach the SNR's running sums (kept in place
+    across its 100-step windows): the failed fit reports the SNR of the steps before it, computed
+    here from their gradients (np.std, ddof=1) over the current window."""
+    calls, grads = [0], []
+
+    def lj(z):
+        calls[0] += 1
+        v, g = good(z)
+        if calls[0] == fail_at + 2:  # the probe at init, then one call per step
+            g = g.copy()
+            g[1, 0] = np.nan
+        return v, g
+
+    with pytest.raises(vg.FitError, match="gradient") as info:
+        vg.fit(lj, np.zeros(2), rng=0, map_init=False, num_steps=1000, tol=1e-6,
+               callback=lambda s, i: grads.append(i.grads) and False)
+    assert len(grads) == fail_at
+    window = grads[len(grads) // 100 * 100:]
+    snr = info.value.result.diagnostics.grad_snr
+    for b, name in enumerate(("loc", "scale")):
+        G = np.array([g[b] for g in window])
+        want = np.mean(np.abs(G.mean(axis=0)) / G.std(axis=0, ddof=1))
+        assert snr[name] == pytest.approx(want, rel=1e-9)
+
+
 def test_divergence_stops_with_the_last_finite_state():
     def steep(z):  # a log density whose gradient explodes away from 0
         return -np.sum(np.exp(3 * z), axis=1), -3 * np.exp(3 * z)

@@ -253,10 +253,11 @@ def test_segment_sums_give_the_window_moments():
     rng = np.random.default_rng(1)
     xs = 1e6 + rng.standard_normal((37, 5))  # a large offset: naive sums of squares would cancel
     a, b = vgvi._Segment((xs[0],)), vgvi._Segment((xs[20],))
+    work = (np.empty(5),)
     for x in xs[:20]:
-        a.add((x,), None)
+        a.add((x,), None, work)
     for x in xs[20:]:
-        b.add((x,), None)
+        b.add((x,), None, work)
     n, mean, m2 = vgvi._combine([(a.n, *a.moments(0)), (b.n, *b.moments(0))])
     assert n == 37
     np.testing.assert_allclose(mean, xs.mean(axis=0), rtol=1e-15)
@@ -298,3 +299,105 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(vgvi, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+# -- the step's cost (issue 13, item 5): fused passes and recycled arrays, the same bits ----------------
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("D", [1, 1023, 1025, 20000])
+def test_mf_scale_entropy_is_softplus_then_mf_entropy(dtype, D):
+    from vigrad import _core
+    rng = np.random.default_rng(D)
+    loc, rho = rng.standard_normal(D).astype(dtype), (5 * rng.standard_normal(D)).astype(dtype)
+    for workers in (1, 3):
+        scale = np.empty(D, dtype)
+        entropy, ok = _core.mf_scale_entropy(loc, rho, scale, workers)
+        want = _core.softplus(rho, 1)
+        np.testing.assert_array_equal(scale, want)
+        assert ok and entropy == _core.mf_entropy(want, 1)
+    ref_scale = np.empty(D, dtype)
+    ref_entropy, ref_ok = vg.reference.mf_scale_entropy(loc, rho, ref_scale, 1)  # the NumPy reference
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(scale, ref_scale, rtol=rtol)
+    assert ref_ok and entropy == pytest.approx(ref_entropy, rel=rtol, abs=rtol * D)
+    for bad_loc, bad_rho in [(np.nan, 0.0), (0.0, np.inf), (0.0, -np.inf), (0.0, -800.0 if dtype == np.float64
+                                                                                 else -120.0)]:
+        l2, r2 = loc.copy(), rho.copy()
+        l2[D // 2], r2[D // 2] = l2[D // 2] + bad_loc, bad_rho if bad_rho != 0.0 else r2[D // 2]
+        assert not _core.mf_scale_entropy(l2, r2, np.empty(D, dtype), 1)[1]
+        assert not vg.reference.mf_scale_entropy(l2, r2, np.empty(D, dtype), 1)[1]
+    with pytest.raises(ValueError, match="out_scale must not overlap"):
+        _core.mf_scale_entropy(loc, rho, rho, 1)
+    with pytest.raises(ValueError, match="rho"):
+        _core.mf_scale_entropy(loc, rho[:0], np.empty(D, dtype), 1)
+
+
+def test_recycled_arrays_never_overwrite_what_the_caller_holds():
+    """The step's outputs reuse the memory of earlier states' arrays only when nothing holds them:
+    every state kept, a view of one, a memoryview of another, stay as they were."""
+    d = 50
+    lj = gaussian_log_joint(np.linspace(-1, 1, d), np.diag(np.linspace(0.5, 2, d)))[0]
+    vi = vg.VI(lj, "meanfield", num_samples=4)
+    state = vi.init(np.zeros(d), rng=0)
+    kept, views, copies, view_copies = [], [], [], []
+    for t in range(60):
+        state, info = vi.step(state)
+        if t % 3 == 0:
+            kept.append(state)
+            copies.append(copy.deepcopy(state))
+        elif t % 3 == 1:
+            views.append((state.params[1][5:], state.opt_state.v[0][:7], memoryview(state.opt_state.m[1])))
+            view_copies.append((state.params[1][5:].copy(), state.opt_state.v[0][:7].copy(),
+                                state.opt_state.m[1].copy()))
+        del info
+    for a, b in zip(kept, copies):
+        assert_states_equal(a, b)
+    for (v1, v2, mv), (c1, c2, c3) in zip(views, view_copies):
+        np.testing.assert_array_equal(v1, c1)
+        np.testing.assert_array_equal(v2, c2)
+        np.testing.assert_array_equal(np.asarray(mv), c3)
+    assert all(not p.flags.writeable for s in kept for p in s.params)
+    # and the states dropped along the way did give their memory back: the pool stays bounded
+    assert sum(len(v) for v in vi._recycle().free.values()) <= 2 * vgvi._Recycle._KEEP
+
+
+def test_a_log_joints_gradient_is_released_one_step_later():
+    """The step holds the latest log joint gradient until the next one is made (see VI._step),
+    never more."""
+    import weakref
+    made = []
+
+    def lj(z):
+        v, g = LJ(z)
+        g = np.array(g)
+        made.append(weakref.ref(g))
+        return v, g
+
+    vi = vg.VI(lj, "meanfield", num_samples=4)
+    state = vi.init(np.zeros(3), rng=0)
+    for t in range(5):
+        state, info = vi.step(state)
+        del info
+        assert [r() is None for r in made] == [True] * t + [False]
+
+
+def test_a_fit_callback_sees_the_steps_gradient_norm():
+    """vg.fit skips the gradient norm when nothing reads it; its callback's info has it."""
+    seen = []
+    vg.fit(LJ, np.zeros(3), rng=0, num_steps=30, map_init=False,
+           callback=lambda s, i: seen.append(i.grad_norm == vg.optim.global_norm(i.grads)) and False)
+    assert seen == [True] * 30
+
+
+def test_a_loop_that_drops_its_states_reuses_their_memory():
+    """The point of the recycling (a fresh array per step page-faults in its memory): a loop that
+    keeps only the latest state steps in a handful of the pool's arrays, not a new one per step."""
+    d = 40
+    vi = vg.VI(gaussian_log_joint(np.zeros(d), np.eye(d))[0], "meanfield", num_samples=4)
+    state = vi.init(np.ones(d), rng=0)
+    seen = set()
+    for _ in range(50):
+        state, _ = vi.step(state)
+        seen.update(id(a) for a in (*state.params, *state.opt_state.m, *state.opt_state.v))
+    pool = {id(buf) for kept in vi._recycle().free.values() for buf, _ in kept}  # held by the pool
+    assert seen <= pool and len(pool) <= 16

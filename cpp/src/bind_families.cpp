@@ -78,6 +78,31 @@ Factor make_factor(const Real* diag, const Real* UT, std::int64_t d, std::int64_
 
 template <class Real>
 void def_families(py::module_& m) {
+  // ------------------------------------------------------------------ mean field, for vg.fit's step
+  m.def(
+      "mf_scale_entropy",
+      [](carray<Real> loc, carray<Real> rho, carray<Real> scale, int workers) {
+        require_ndim(loc, 1, "loc");
+        const std::int64_t D = loc.shape(0);
+        require_shape(rho, {D}, "rho", "(D,) like loc");
+        require_shape(scale, {D}, "out_scale", "(D,) like loc");
+        if (!scale.writeable()) throw py::value_error("out_scale must be writeable");
+        if (overlaps(scale, loc) || overlaps(scale, rho)) throw py::value_error("out_scale must not overlap loc or rho");
+        check_workers(workers);
+        std::vector<double> work(static_cast<std::size_t>(core::num_blocks(D)));
+        const Real *l = loc.data(), *r = rho.data();
+        Real* sc = scale.mutable_data();
+        bool ok = true;
+        double entropy;
+        {
+          py::gil_scoped_release release;
+          entropy = core::kernels<Real>().mf_scale_entropy(l, r, D, sc, work.data(), &ok, workers);
+        }
+        return py::make_tuple(entropy, ok);
+      },
+      py::arg("loc").noconvert(), py::arg("rho").noconvert(), py::arg("out_scale").noconvert(), py::arg("workers"),
+      "out_scale = softplus(rho) and the entropy of N(loc, diag(out_scale^2)) in one pass: (entropy, ok), ok "
+      "False when loc or rho is not finite or a scale is 0; the same bits as softplus and mf_entropy.");
   // ------------------------------------------------------------------ full rank
   m.def(
       "fullrank_sample",

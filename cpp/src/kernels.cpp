@@ -184,6 +184,7 @@ Kernels<Real> make_kernels() {
   k.transform = &transform<Real>;
   k.mf_log_prob = &mf_log_prob<Real>;
   k.mf_entropy = &mf_entropy<Real>;
+  k.mf_scale_entropy = &mf_scale_entropy<Real>;
   k.prior_log_prob = [](const PriorArgs<Real>& p, const Real* w, std::int64_t S, std::int64_t D, Real* out,
                         double* work, int workers) {
     with_prior<true>(p, [&](const auto& prior) { prior_log_prob<Real>(prior, w, S, D, out, work, workers); });

@@ -128,7 +128,10 @@ class _GradStats:
             s2 += tmp
         self.n += 1
         if self.n == _SNR_WINDOW:
-            self.last, self.sums, self.n = self.snr(), None, 0
+            self.last, self.n = self.snr(), 0
+            for s1, s2 in self.sums:  # the next window starts from zero, in the same arrays
+                s1.fill(0.0)
+                s2.fill(0.0)
 
     def snr(self):
         if self.n < 2:
@@ -307,7 +310,7 @@ def fit(log_joint: Callable, init, *, family: str = "meanfield", rank: Optional[
     restarts, max_samples = 0, vi.num_samples * (_SAMPLES_GROWTH if num_samples is None else 1)
     while t < num_steps:
         try:
-            new_state, info = vi.step(state)
+            new_state, info = vi._step(state, grad_norm=callback is not None)  # info.grad_norm: for the callback
         except FitError as exc:
             partial = _result(vi, monitor, state, losses[:t], stats, counted, opt, lap, "error", gen, 0, nw,
                               last_state=True)

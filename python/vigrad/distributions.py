@@ -222,10 +222,15 @@ class MeanFieldGaussian:
         return (self._loc, self._rho)
 
     @classmethod
-    def _from_params(cls, params, workers=None):
+    def _from_params(cls, params, workers=None, scale=None):
         """From an optimiser's arrays, without the checks and copies of __init__ (vg.fit checks the
-        finiteness of every step's gradients and loss instead)."""
+        finiteness of every step's gradients and loss instead).  ``scale``: softplus(rho), already
+        computed and checked (finite loc and rho, scale > 0: ``_core.mf_scale_entropy``)."""
         loc, rho = params
+        if scale is not None:
+            self = object.__new__(cls)
+            self._loc, self._rho, self._scale = _readonly(loc), _readonly(rho), _readonly(scale)
+            return self
         if not (np.isfinite(loc).all() and np.isfinite(rho).all()):
             return cls(loc, rho)  # the full check, with its error message
         self = object.__new__(cls)

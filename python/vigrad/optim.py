@@ -468,6 +468,8 @@ def _make(name, hyper, schedule, clip_norm, clip_value, weight_decay, moment_fie
     to the outputs, which may be the inputs themselves; ``step`` counts the updates before this
     one, ``decay = 1 - lr * weight_decay``; it returns whether every gradient was finite.
     ``moment_fields`` lists the state's tuple fields that are in use (others are ``()``).
+    ``update`` takes a private keyword for vg.vi's step: ``_alloc(shape, dtype)`` makes the
+    out-of-place outputs (default ``np.empty``; vg.vi recycles the arrays of earlier states).
     """
     state_type = _STATE_TYPES[name]
     tuple_fields = state_type._fields[1:]
@@ -477,7 +479,7 @@ def _make(name, hyper, schedule, clip_norm, clip_value, weight_decay, moment_fie
         fields = {f: (_zeros_like(arrs) if f in moment_fields else ()) for f in tuple_fields}
         return state_type(step=_step_array(0), **fields)
 
-    def update(grads, state, params, *, inplace=False, workers=None):
+    def update(grads, state, params, *, inplace=False, workers=None, _alloc=None):
         p_arrs, single = _as_tuple(params, "params")
         g_raw, _ = _as_tuple(grads, "grads")
         if len(g_raw) != len(p_arrs):
@@ -526,8 +528,9 @@ def _make(name, hyper, schedule, clip_norm, clip_value, weight_decay, moment_fie
             if inplace:
                 out_p, out_m = p, moments
             else:
-                out_p = np.empty(p.shape, p.dtype)
-                out_m = {f: np.empty(p.shape, p.dtype) for f in moment_fields}
+                alloc = np.empty if _alloc is None else _alloc
+                out_p = alloc(p.shape, p.dtype)
+                out_m = {f: alloc(p.shape, p.dtype) for f in moment_fields}
             outputs.append((p, g, moments, out_p, out_m))
             new_params.append(out_p)
             for f in moment_fields:

@@ -167,6 +167,46 @@ class _Reuse:
         return buf
 
 
+class _Recycle:
+    """New arrays for the step's out-of-place results (the optimiser's parameters and moments, the
+    next q's scales, the squares of the gradient norm), made from the memory of earlier ones that
+    nothing holds any more (only this pool: the reference count they had right after they were made).  A state, a view of one
+    of its arrays, a buffer export or a pickle keeps an array from being reused; one not reused
+    is never written.  A fresh array per step page-faults in its memory (or, with glibc's
+    malloc, makes the heap shrink and grow around the log joint's own temporaries)."""
+
+    _KEEP = 24  # arrays kept per shape and dtype: a state's worth and then some
+
+    def __init__(self):
+        self.free = {}
+        self.next = {}  # per key: where the next search starts (arrays come free in turn)
+
+    @staticmethod
+    def _count(kept, i):
+        buf, unused = kept[i]
+        return buf, unused, sys.getrefcount(buf)
+
+    def __call__(self, shape, dtype):
+        key = (tuple(shape), np.dtype(dtype))
+        kept = self.free.setdefault(key, [])
+        n, start = len(kept), self.next.get(key, 0)
+        for k in range(n):
+            i = (start + k) % n
+            buf, unused, now = self._count(kept, i)
+            if now == unused:
+                self.next[key] = i + 1
+                buf.flags.writeable = True  # the pool's own array: nothing else sees it
+                return buf
+        buf = np.empty(shape, dtype)
+        if len(kept) < self._KEEP:
+            kept.append((buf, 0))
+            del buf
+            # counted where and as the check above counts, so the two agree on any interpreter
+            buf, _, unused = self._count(kept, -1)
+            kept[-1] = (buf, unused)
+        return buf
+
+
 # -- preconditioning ------------------------------------------------------------------------------------
 
 class Laplace(NamedTuple):
@@ -375,6 +415,10 @@ class VI:
     -----
     :meth:`step` is pure: it reads the state and returns a new one, and the same state gives
     the same bits (its work arrays are per thread and their contents never reach a result).
+    Its new arrays reuse the memory of earlier states' arrays that nothing references any more,
+    and each thread's VI keeps the latest log joint's gradient until its next step (an (S, d)
+    array: freeing it at the end of the step made glibc's malloc return the log joint's own
+    temporaries to the system, to be page-faulted in again at every call).
     Costs per step: S log-joint evaluations in one call, the family's sampling and pathwise
     gradient in the core (O(S d) mean field, O(S d r) low rank, O(S d^2) full rank) and one
     fused optimiser pass.
@@ -563,12 +607,31 @@ class VI:
             pool = self._local.pool = _Reuse()
         return pool
 
+    def _q_entropy(self, params, workers):
+        """(q, its entropy or None) at the fitted parameters, checked (a ValueError if not valid).
+        Mean field: softplus, the checks and the entropy in one pass (``_core.mf_scale_entropy``),
+        into a recycled array."""
+        if self.family == "meanfield":
+            loc, rho = params
+            if loc.dtype == rho.dtype and loc.flags.c_contiguous and rho.flags.c_contiguous:
+                scale = self._recycle()(rho.shape, rho.dtype)
+                entropy, ok = _core.mf_scale_entropy(loc.reshape(-1), rho.reshape(-1), scale.reshape(-1), workers)
+                if ok:
+                    return self._cls._from_params(params, workers, scale=scale), float(entropy)
+        return self._cls._from_params(params, workers), None
+
     def _log_det(self, T):
         ref, value = self._logdet
         if ref is not T:
             value = _log_det(T)
             self._logdet = (T, value)
         return value
+
+    def _recycle(self):
+        rec = getattr(self._local, "recycle", None)
+        if rec is None:
+            rec = self._local.recycle = _Recycle()
+        return rec
 
     def step(self, state: VIState):
         """One stochastic gradient step: ``(new_state, info)``; ``state`` is not modified.
@@ -580,12 +643,20 @@ class VI:
             the sample and the element), or the -ELBO, its gradient or the new parameters are
             not finite (``err.result`` is None: ``state`` is the last finite state).
         """
+        return self._step(state)
+
+    def _step(self, state: VIState, grad_norm=True):
+        """:meth:`step`; ``grad_norm=False``: info.grad_norm is nan (a pass over the gradient that
+        vg.fit without a callback never reads)."""
         _check_state(state)
         params, shift, T = state.params, state.shift, state.scale
         t = int(state.step)
         S, nw = self.num_samples, self.workers
         cached = getattr(self._local, "q", None)
-        q = cached[1] if cached is not None and cached[0] is params else self._cls._from_params(params, nw)
+        if cached is not None and cached[0] is params:
+            q, entropy = cached[1], cached[2]
+        else:
+            q, entropy = self._q_entropy(params, nw)
         d = q.size
         pool = self._pool()
         x, eps = q._sample_noise(S, _step_key(int(state.key), t), nw,
@@ -602,19 +673,28 @@ class VI:
         where = f"step {t}"
         need_grads = self.estimator != "score"
         log_p, g = self._target(z, need_grads, where, t)
+        # the previous step's gradient array is let go only now that this one is made: freed at the
+        # end of the step, glibc's malloc returned the log joint's (S, d) temporaries, which sit at
+        # the top of the heap, to the system every step, and the log joint page-faulted them in
+        # again at every call (measured at d = 10^5, S = 8: 1 000-1 500 page faults a call
+        # against ~50 with this); one (S, d) array more is held between steps
+        self._local.held = g
         if need_grads:
             gx = g if T.size == 0 else (g * T if T.ndim == 1 else g @ T)
             grads = q._pathwise(eps, np.ascontiguousarray(gx), "stl" if self.estimator == "stl" else "mc", nw)
         else:
             grads = _score_gradient(q, x, eps, log_p)
         del z, x, eps  # the work arrays are free for the next step
-        loss = -float(log_p.mean()) - _entropy(q, nw) - self._log_det(T)
+        if entropy is None:
+            entropy = _entropy(q, nw)
+        loss = -float(log_p.mean()) - entropy - self._log_det(T)
         if not math.isfinite(loss):
             raise FitError(f"the fit diverged at step {t}: the -ELBO is not finite", t, None)
         try:
             # the optimiser's kernel reports a non-finite gradient (in the family's gradients,
             # which are non-finite whenever an input is): the (S, d) ones are searched only then
-            new_params, opt_state = self.optimizer.update(grads, state.opt_state, params, workers=nw)
+            new_params, opt_state = self.optimizer.update(grads, state.opt_state, params, workers=nw,
+                                                          _alloc=self._recycle())
         except ValueError:
             if not all(np.isfinite(gb).all() for gb in grads):
                 if g is not None:
@@ -625,11 +705,20 @@ class VI:
         del g
         new_params = tuple(_frozen(p) for p in new_params)
         try:
-            self._local.q = (new_params, self._cls._from_params(new_params, nw))  # checked; the next step's q
+            self._local.q = (new_params, *self._q_entropy(new_params, nw))  # checked; the next step's q
         except ValueError as exc:
             raise FitError(f"the fit diverged at step {t}: {exc}", t, None) from None
-        info = VIInfo(loss, _optim._global_norm(grads), tuple(grads))
+        info = VIInfo(loss, _grad_norm(grads, self._recycle()) if grad_norm else math.nan, tuple(grads))
         return VIState(new_params, opt_state, state.key, np.array(t + 1, dtype=np.int64), shift, T), info
+
+
+def _grad_norm(grads, alloc):
+    """vigrad.optim's global norm (the same bits), its squares written to recycled arrays."""
+    if not all(isinstance(g, np.ndarray) and g.dtype == np.float64 for g in grads):
+        return _optim._global_norm(grads)
+    with np.errstate(over="ignore"):
+        total = float(sum(np.sum(np.square(g, out=alloc(g.shape, g.dtype))) for g in grads))
+    return _optim._global_norm(grads) if math.isinf(total) else math.sqrt(total)
 
 
 def _frozen(a):
@@ -687,14 +776,15 @@ class _Segment:
         self.s2 = tuple(np.zeros(p.shape) for p in params)
         self.nl, self.l1, self.l2 = 0, 0.0, 0.0  # the losses' count, sum and sum of squares
 
-    def add(self, params, loss):
+    def add(self, params, loss, work):
+        """Add one iterate; ``work``: one float64 array per block, of its shape (overwritten)."""
         if loss is not None:
             self.nl += 1
             self.l1 += loss
             self.l2 += loss * loss
         self.n += 1
-        for c, s1, s2, x in zip(self.c, self.s1, self.s2, params):
-            dev = x - c
+        for c, s1, s2, x, dev in zip(self.c, self.s1, self.s2, params, work):
+            np.subtract(x, c, out=dev)
             s1 += dev
             dev *= dev
             s2 += dev
@@ -857,6 +947,7 @@ class ConvergenceMonitor:
         self._since_row = 0
         self._tracked = None      # (block, flat index) pairs
         self._state = None
+        self._dev = None          # per block: the work array of _Segment.add
         self._restarts = 0
         self._report = MonitorReport(False, 0, math.nan, math.nan, math.nan, np.zeros(0), 0)
 
@@ -888,7 +979,9 @@ class ConvergenceMonitor:
             self._track(p)
         if self._current is None:
             self._current = _Segment(p)
-        self._current.add(p, loss)
+        if self._dev is None or any(a.shape != x.shape for a, x in zip(self._dev, p)):
+            self._dev = tuple(np.empty(x.shape) for x in p)
+        self._current.add(p, loss, self._dev)
         self._since_row += 1
         if self._since_row >= self._thin:
             self._hist.append(self._row(p))

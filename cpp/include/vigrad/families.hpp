@@ -13,6 +13,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -378,6 +379,33 @@ void lowrank_pathwise_grad(const Real* diag, const Real* UT, const double* WT, c
       }
     }
   });
+}
+
+// The mean-field q of a fit's step from its parameters, in one pass over blocks: scale =
+// softplus(rho) (transform's loop), whether loc and rho are finite and every scale > 0 (else
+// *ok = false), and the entropy (mf_entropy's block sums of log scale, combined in block order:
+// the same bits as softplus then mf_entropy, whose loops these are).  `work`: num_blocks(D) doubles.
+template <class Real>
+double mf_scale_entropy(const Real* loc, const Real* rho, std::int64_t D, Real* scale, double* work, bool* ok,
+                        int workers) {
+  std::atomic<bool> bad{false};
+  const std::int64_t nb = num_blocks(D);
+  parallel_for_blocks(nb, workers_for(D * 32, workers), [&](std::int64_t b) {
+    const std::int64_t j0 = b * kBlock, m = std::min(D - j0, kBlock);
+    const Real* rb = rho + j0;
+    Real* sb = scale + j0;
+    for (std::int64_t i = 0; i < m; ++i) sb[i] = softplus(rb[i]);
+    std::int64_t not_positive = 0;
+    for (std::int64_t i = 0; i < m; ++i) not_positive += !(sb[i] > Real(0));
+    if (not_positive != 0 || !all_finite(loc + j0, m) || !all_finite(rb, m)) bad.store(true, std::memory_order_relaxed);
+    alignas(64) Real v[kBlock];
+    for (std::int64_t i = 0; i < m; ++i) v[i] = std::log(sb[i]);
+    work[b] = lane_sum(v, m);
+  });
+  *ok = !bad.load();
+  double total = 0.0;
+  for (std::int64_t b = 0; b < nb; ++b) total += work[b];
+  return static_cast<double>(D) * (kHalfLog2Pi<double> + 0.5) + total;
 }
 
 VIGRAD_ISA_END

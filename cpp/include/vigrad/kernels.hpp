@@ -63,6 +63,8 @@ struct Kernels {
   void (*mf_log_prob)(const Real* loc, const Real* scale, const Real* w, std::int64_t S, std::int64_t D, Real* out,
                       double* work, int workers);
   double (*mf_entropy)(const Real* scale, std::int64_t D, double* work, int workers);
+  double (*mf_scale_entropy)(const Real* loc, const Real* rho, std::int64_t D, Real* scale, double* work,
+                             bool* ok, int workers);
   void (*prior_log_prob)(const PriorArgs<Real>& prior, const Real* w, std::int64_t S, std::int64_t D, Real* out,
                          double* work, int workers);
   void (*prior_grad_log_prob)(const PriorArgs<Real>& prior, const Real* w, std::int64_t S, std::int64_t D, Real* out,

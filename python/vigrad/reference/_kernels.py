@@ -121,6 +121,14 @@ def mf_entropy(scale, workers):
     return float(np.sum(0.5 + _HALF_LOG_2PI + np.log(_f64(scale))))
 
 
+def mf_scale_entropy(loc, rho, out_scale, workers):
+    with np.errstate(invalid="ignore", over="ignore"):
+        out_scale[...] = softplus(rho, workers)
+    ok = bool(np.isfinite(loc).all() and np.isfinite(rho).all() and (out_scale > 0).all())
+    with np.errstate(divide="ignore", invalid="ignore"):  # log 0 where not ok
+        return mf_entropy(out_scale, workers), ok
+
+
 def _normal_lp(w, m, s):
     z = (w - m) / s
     return -_HALF_LOG_2PI - np.log(s) - 0.5 * z * z
