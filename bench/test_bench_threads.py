@@ -24,6 +24,10 @@ Run (repository root, an idle machine; about 4 min)::
         --benchmark-json=threads-passive.json        # idle OpenMP threads sleep at once
     python bench/test_bench_threads.py threads.json threads-passive.json     # the tables
 
+Each variant is timed in its own group, seconds after the others: with a busy process the
+machine drifts in between (bench/README.md, issue 15).  ``bench/threads_interleaved.py`` times the
+torch workloads' variants round by round instead, so that all of them see the same drift.
+
 The table gives, per workload and load, the median time per step of each variant and
 default / best; ``foreign_cpu`` (bench/conftest.py) shows how busy the rest of the machine was
 (about 1.0 in the busy groups, from the spinning process; above ~0.1 in an idle group means the
