@@ -114,16 +114,20 @@ def make_input(geometry, dtype=F64, seed=1):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("prior,kl", PRIORS, ids=PRIOR_IDS)
 def test_gradients_equal_torch_autograd_through_conv2d(geometry, estimator, prior, kl):
-    layer = make(geometry, estimator, prior, kl)
-    x = make_input(geometry).requires_grad_()
+    assert_matches_reference(make(geometry, estimator, prior, kl), make_input(geometry).requires_grad_())
+
+
+def assert_matches_reference(layer, x, c=0.37):
+    """The layer's forward and backward on x under a nonlinear loss (G varies per element) against
+    ref_conv, autograd through conv2d on an NCHW copy of x with the same noise: the output, the KL
+    and the gradients of x, loc and rho.  Returns the layer's output."""
     loc = layer.loc.detach().clone().requires_grad_()
     rho = layer.rho.detach().clone().requires_grad_()
-    c = 0.37
     out = layer(x)
     kl_v = vgt.kl_loss(layer)
     target = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=F64)
-    (torch.tanh(out) * target).sum().add(c * kl_v).backward()  # a nonlinear loss: G varies per element
-    x_r = x.detach().clone().requires_grad_()
+    (torch.tanh(out) * target).sum().add(c * kl_v).backward()
+    x_r = x.detach().clone(memory_format=torch.contiguous_format).requires_grad_()
     y_r, kl_r = ref_conv(layer, loc, rho, x_r, layer.last_key)
     (torch.tanh(y_r) * target).sum().add(c * kl_r).backward()
     close(out, y_r)
@@ -131,6 +135,7 @@ def test_gradients_equal_torch_autograd_through_conv2d(geometry, estimator, prio
     close(x.grad, x_r.grad)
     close(layer.loc.grad, loc.grad)
     close(layer.rho.grad, rho.grad)
+    return out
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -138,21 +143,9 @@ def test_channels_last_input_gives_the_contiguous_results_in_channels_last(estim
     """An NHWC input (torch's channels-last memory format, as a network after a channels-last
     conversion feeds it) gives the values and gradients of the reference on the NCHW copy, the
     output in channels-last as torch's conv2d gives it."""
-    layer = make("plain", estimator)
     x = make_input("plain").contiguous(memory_format=torch.channels_last).requires_grad_()
-    loc = layer.loc.detach().clone().requires_grad_()
-    rho = layer.rho.detach().clone().requires_grad_()
-    out = layer(x)
+    out = assert_matches_reference(make("plain", estimator), x)
     assert out.is_contiguous(memory_format=torch.channels_last)
-    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=F64)
-    (torch.tanh(out) * target).sum().add(0.37 * vgt.kl_loss(layer)).backward()
-    x_r = x.detach().contiguous().requires_grad_()
-    y_r, kl_r = ref_conv(layer, loc, rho, x_r, layer.last_key)
-    (torch.tanh(y_r) * target).sum().add(0.37 * kl_r).backward()
-    close(out, y_r)
-    close(x.grad, x_r.grad)
-    close(layer.loc.grad, loc.grad)
-    close(layer.rho.grad, rho.grad)
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
