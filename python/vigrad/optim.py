@@ -281,13 +281,17 @@ def _check_finite_grads(grads) -> None:
             )
 
 
-def _norm_sq(grads) -> float:
+def _norm_sq(grads, alloc=None) -> float:
+    """sum_i ||g_i||^2 in float64; ``alloc(shape, dtype)`` makes the arrays of the squares
+    (default: fresh ones; vg.vi's step recycles them)."""
     with np.errstate(over="ignore"):
-        return float(sum(np.sum(np.square(g, dtype=np.float64)) for g in grads))
+        return float(sum(np.sum(np.square(g, dtype=np.float64,
+                                          out=None if alloc is None else alloc(np.shape(g), np.float64)))
+                         for g in grads))
 
 
-def _global_norm(grads) -> float:
-    total = _norm_sq(grads)
+def _global_norm(grads, alloc=None) -> float:
+    total = _norm_sq(grads, alloc)
     if math.isinf(total):  # finite entries whose squares overflow: rescale first
         big = max(float(np.max(np.abs(g), initial=0.0)) for g in grads)
         total = _norm_sq(tuple(g.astype(np.float64) / big for g in grads))

@@ -708,17 +708,8 @@ class VI:
             self._local.q = (new_params, *self._q_entropy(new_params, nw))  # checked; the next step's q
         except ValueError as exc:
             raise FitError(f"the fit diverged at step {t}: {exc}", t, None) from None
-        info = VIInfo(loss, _grad_norm(grads, self._recycle()) if grad_norm else math.nan, tuple(grads))
+        info = VIInfo(loss, _optim._global_norm(grads, self._recycle()) if grad_norm else math.nan, tuple(grads))
         return VIState(new_params, opt_state, state.key, np.array(t + 1, dtype=np.int64), shift, T), info
-
-
-def _grad_norm(grads, alloc):
-    """vigrad.optim's global norm (the same bits), its squares written to recycled arrays."""
-    if not all(isinstance(g, np.ndarray) and g.dtype == np.float64 for g in grads):
-        return _optim._global_norm(grads)
-    with np.errstate(over="ignore"):
-        total = float(sum(np.sum(np.square(g, out=alloc(g.shape, g.dtype))) for g in grads))
-    return _optim._global_norm(grads) if math.isinf(total) else math.sqrt(total)
 
 
 def _frozen(a):
