@@ -55,7 +55,14 @@ bool adam_step(const Real* p, const Real* g, const Real* m, const Real* v, Real*
   const AdamStep<Real> st(step, lr, b1, b2, eps);
   const Real dc = static_cast<Real>(decay);
   const bool decayed = decay != 1.0;
+  // out of place (the bindings allow outputs that are their inputs or overlap nothing), no decay:
+  // one pass from the inputs into the outputs, the same arithmetic as in place
+  const bool apart = !decayed && p_out != p && m_out != m && v_out != v;
   return for_update_blocks(g, n, workers, [&](std::int64_t j0, std::int64_t len) {
+    if (apart) {
+      st.apply_to(p + j0, g + j0, m + j0, v + j0, p_out + j0, m_out + j0, v_out + j0, len);
+      return;
+    }
     take_params(p + j0, p_out + j0, len, dc, decayed);
     take_block(m + j0, m_out + j0, len);
     take_block(v + j0, v_out + j0, len);
