@@ -253,11 +253,10 @@ def test_segment_sums_give_the_window_moments():
     rng = np.random.default_rng(1)
     xs = 1e6 + rng.standard_normal((37, 5))  # a large offset: naive sums of squares would cancel
     a, b = vgvi._Segment((xs[0],)), vgvi._Segment((xs[20],))
-    work = (np.empty(5),)
     for x in xs[:20]:
-        a.add((x,), None, work)
+        a.add((x,), None)
     for x in xs[20:]:
-        b.add((x,), None, work)
+        b.add((x,), None, 3)
     n, mean, m2 = vgvi._combine([(a.n, *a.moments(0)), (b.n, *b.moments(0))])
     assert n == 37
     np.testing.assert_allclose(mean, xs.mean(axis=0), rtol=1e-15)
@@ -330,6 +329,49 @@ def test_mf_scale_entropy_is_softplus_then_mf_entropy(dtype, D):
         _core.mf_scale_entropy(loc, rho, rho, 1)
     with pytest.raises(ValueError, match="rho"):
         _core.mf_scale_entropy(loc, rho[:0], np.empty(D, dtype), 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n", [0, 1, 1023, 1025, 20000])
+def test_moment_sums_are_numpys_sums_to_the_bit(dtype, n):
+    """The monitor's and the gradient statistics' running sums in one core pass round as NumPy's
+    separate passes do (no fused multiply-add, on any instruction set), for any thread count, and
+    equal the NumPy reference; the caller's x and c are left alone."""
+    from vigrad import _core
+    rng = np.random.default_rng(n)
+    x, c = (3 * rng.standard_normal(n)).astype(dtype), rng.standard_normal(n)
+    x0, c0 = x.copy(), c.copy()
+    for shift in (c, None):
+        s1, s2 = rng.standard_normal(n), rng.random(n)
+        a = x.astype(np.float64) - (0.0 if shift is None else shift)  # the NumPy passes it replaces
+        want1, want2 = s1 + a, s2 + a * a
+        for workers in (1, 3):
+            g1, g2 = s1.copy(), s2.copy()
+            _core.moment_sums(x, shift, g1, g2, workers)
+            np.testing.assert_array_equal(g1, want1)
+            np.testing.assert_array_equal(g2, want2)
+        r1, r2 = s1.copy(), s2.copy()
+        vg.reference.moment_sums(x, shift, r1, r2, 1)
+        np.testing.assert_array_equal(r1, want1)
+        np.testing.assert_array_equal(r2, want2)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(c, c0)
+    if n:
+        s = np.zeros(n)
+        with pytest.raises(ValueError, match="s1 must not overlap s2"):
+            _core.moment_sums(x, c, s, s, 1)
+        with pytest.raises(ValueError, match="must not overlap x or c"):
+            _core.moment_sums(x, c, c, np.zeros(n), 1)
+        with pytest.raises(ValueError, match="s2"):
+            _core.moment_sums(x, c, np.zeros(n), np.zeros(n + 1), 1)
+        with pytest.raises(ValueError, match="writeable"):
+            _core.moment_sums(x, None, np.zeros(n), _frozen_copy(np.zeros(n)), 1)
+
+
+def _frozen_copy(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
 
 
 def test_recycled_arrays_never_overwrite_what_the_caller_holds():

@@ -1,4 +1,5 @@
 // Bindings: the update rules of vg.optim (optim.hpp), in place or into separate outputs.
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -119,6 +120,30 @@ void def_optim(py::module_& m) {
       py::arg("decay"), py::arg("workers"),
       "One RMSprop step (buf None: no momentum) into the outputs, which may be the inputs themselves.  Returns "
       "whether every gradient was finite.");
+  m.def(
+      "moment_sums",
+      [](carray<Real> x, std::optional<carray<double>> c, carray<double> s1, carray<double> s2, int workers) {
+        require_ndim(x, 1, "x");
+        const std::int64_t n = x.shape(0);
+        if (c) require_shape(*c, {n}, "c", "(n,) like x");
+        require_shape(s1, {n}, "s1", "(n,) like x");
+        require_shape(s2, {n}, "s2", "(n,) like x");
+        if (!s1.writeable() || !s2.writeable()) throw py::value_error("s1 and s2 must be writeable");
+        if (overlaps(s1, s2)) throw py::value_error("s1 must not overlap s2");
+        for (const py::array* out : {static_cast<const py::array*>(&s1), static_cast<const py::array*>(&s2)})
+          if (overlaps(*out, x) || (c && overlaps(*out, *c)))
+            throw py::value_error("s1 and s2 must not overlap x or c");
+        check_workers(workers);
+        const Real* xp = x.data();
+        const double* cp = c ? c->data() : nullptr;
+        double *p1 = s1.mutable_data(), *p2 = s2.mutable_data();
+        py::gil_scoped_release release;
+        core::kernels<Real>().moment_sums(xp, cp, p1, p2, n, workers);
+      },
+      py::arg("x").noconvert(), py::arg("c").noconvert(), py::arg("s1").noconvert(), py::arg("s2").noconvert(),
+      py::arg("workers"),
+      "In place, with a = float64(x) - c (c None: a = x): s1 += a, s2 += a * a, rounded as NumPy rounds them "
+      "(no fused multiply-add): the running sums of vg.fit's convergence monitor and gradient statistics.");
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include "vigrad/meanfield.hpp"
 #include "vigrad/optim.hpp"
 #include "vigrad/priors.hpp"
+#include "vigrad/stats.hpp"
 
 #ifndef VIGRAD_ISA_LEVEL
 #error "compile kernels.cpp with VIGRAD_ISA_LEVEL (and VIGRAD_ISA_NS) set to the level's name"
@@ -185,6 +186,7 @@ Kernels<Real> make_kernels() {
   k.mf_log_prob = &mf_log_prob<Real>;
   k.mf_entropy = &mf_entropy<Real>;
   k.mf_scale_entropy = &mf_scale_entropy<Real>;
+  k.moment_sums = &moment_sums<Real>;
   k.prior_log_prob = [](const PriorArgs<Real>& p, const Real* w, std::int64_t S, std::int64_t D, Real* out,
                         double* work, int workers) {
     with_prior<true>(p, [&](const auto& prior) { prior_log_prob<Real>(prior, w, S, D, out, work, workers); });

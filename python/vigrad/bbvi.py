@@ -25,7 +25,7 @@ import numpy as np
 from . import diagnostics as _diag
 from . import optim as _optim
 from ._validation import as_float_array, check_num_samples, check_real, resolve_rng, resolve_workers
-from .vi import DEFAULT_LR, VI, ConvergenceMonitor, FitError, Laplace, _check_init, _has_grads
+from .vi import DEFAULT_LR, VI, ConvergenceMonitor, FitError, Laplace, _check_init, _has_grads, _moment_sums
 
 __all__ = ["fit", "FitResult", "FitError", "FitDiagnostics"]
 
@@ -114,18 +114,14 @@ class _Counted:
 class _GradStats:
     """Per-coordinate running sums of the gradients over windows of _SNR_WINDOW steps (for the SNR)."""
 
-    def __init__(self, names):
-        self.names, self.n, self.sums, self.last, self.tmp = names, 0, None, None, None
+    def __init__(self, names, workers=1):
+        self.names, self.n, self.sums, self.last, self.workers = names, 0, None, None, workers
 
     def add(self, grads):
         if self.sums is None:
             self.sums = [[np.zeros(g.shape), np.zeros(g.shape)] for g in grads]
-        if self.tmp is None:
-            self.tmp = [np.empty(g.shape) for g in grads]
-        for (s1, s2), g, tmp in zip(self.sums, grads, self.tmp):
-            s1 += g
-            np.multiply(g, g, out=tmp)
-            s2 += tmp
+        for (s1, s2), g in zip(self.sums, grads):
+            _moment_sums(g, None, s1, s2, self.workers)
         self.n += 1
         if self.n == _SNR_WINDOW:
             self.last, self.n = self.snr(), 0
@@ -303,7 +299,7 @@ def fit(log_joint: Callable, init, *, family: str = "meanfield", rank: Optional[
 
     # -- the loop -----------------------------------------------------------------------------------
     monitor = ConvergenceMonitor(vi, tol=tol)
-    stats = _GradStats(vi.block_names)
+    stats = _GradStats(vi.block_names, nw)
     losses = np.empty(num_steps)
     state, stop_reason, t = state0, "num_steps", 0
     t_start = time.perf_counter()

@@ -754,6 +754,16 @@ class MonitorReport(NamedTuple):
     """How often the window's first half was dropped because the iterates were still drifting."""
 
 
+def _moment_sums(x, c, s1, s2, workers):
+    """In place, a = float64(x) - c (c None: a = x): s1 += a, s2 += a * a, in one core pass with
+    NumPy's rounding (``_core.moment_sums``).  c, s1, s2: C-contiguous float64 of x's shape."""
+    x = np.ascontiguousarray(x)
+    if x.dtype != np.float32:
+        x = x.astype(np.float64, copy=False)
+    _core.moment_sums(x.reshape(-1), None if c is None else c.reshape(-1), s1.reshape(-1), s2.reshape(-1),
+                      workers)
+
+
 class _Segment:
     """Sums over consecutive steps of every parameter, shifted by the segment's first iterate c
     (deviations are small, so the variance does not cancel): n, c, sum(x - c), sum((x - c)^2)."""
@@ -767,18 +777,15 @@ class _Segment:
         self.s2 = tuple(np.zeros(p.shape) for p in params)
         self.nl, self.l1, self.l2 = 0, 0.0, 0.0  # the losses' count, sum and sum of squares
 
-    def add(self, params, loss, work):
-        """Add one iterate; ``work``: one float64 array per block, of its shape (overwritten)."""
+    def add(self, params, loss, workers=1):
+        """Add one iterate."""
         if loss is not None:
             self.nl += 1
             self.l1 += loss
             self.l2 += loss * loss
         self.n += 1
-        for c, s1, s2, x, dev in zip(self.c, self.s1, self.s2, params, work):
-            np.subtract(x, c, out=dev)
-            s1 += dev
-            dev *= dev
-            s2 += dev
+        for c, s1, s2, x in zip(self.c, self.s1, self.s2, params):
+            _moment_sums(x, c, s1, s2, workers)
 
     def moments(self, i):
         """(mean, M2) of block i: the sum of squared deviations from the mean."""
@@ -938,7 +945,6 @@ class ConvergenceMonitor:
         self._since_row = 0
         self._tracked = None      # (block, flat index) pairs
         self._state = None
-        self._dev = None          # per block: the work array of _Segment.add
         self._restarts = 0
         self._report = MonitorReport(False, 0, math.nan, math.nan, math.nan, np.zeros(0), 0)
 
@@ -970,9 +976,7 @@ class ConvergenceMonitor:
             self._track(p)
         if self._current is None:
             self._current = _Segment(p)
-        if self._dev is None or any(a.shape != x.shape for a, x in zip(self._dev, p)):
-            self._dev = tuple(np.empty(x.shape) for x in p)
-        self._current.add(p, loss, self._dev)
+        self._current.add(p, loss, self.vi.workers)
         self._since_row += 1
         if self._since_row >= self._thin:
             self._hist.append(self._row(p))

@@ -113,6 +113,8 @@ struct Kernels {
   bool (*rmsprop_step)(const Real* p, const Real* g, const Real* s, const Real* buf, Real* p_out, Real* s_out,
                        Real* buf_out, std::int64_t n, double lr, double alpha, double eps, double momentum,
                        double decay, int workers);
+  // stats.hpp
+  void (*moment_sums)(const Real* x, const double* c, double* s1, double* s2, std::int64_t n, int workers);
 };
 
 struct KernelTable {

@@ -11,6 +11,7 @@ __all__ = [
     "fullrank_affine", "fullrank_sample", "fullrank_log_prob", "fullrank_pathwise_grad", "lowrank_affine",
     "lowrank_sample", "lowrank_log_prob", "lowrank_entropy", "lowrank_pathwise_grad", "pathwise_grad_flat",
     "bbb_noise", "bbb_grad_normal", "bbb_grad_mixture", "adam_update", "optim_adam", "optim_sgd", "optim_rmsprop",
+    "moment_sums",
 ]
 
 _HALF_LOG_2PI = 0.5 * np.log(2.0 * np.pi)
@@ -593,3 +594,11 @@ def optim_rmsprop(params, grads, square_avg, buf, out_params, out_square_avg, ou
     out_square_avg[...] = s
     return bool(np.isfinite(g).all())
 
+
+# -- vg.fit's running sums ---------------------------------------------------------------
+
+def moment_sums(x, c, s1, s2, workers):
+    """In place: s1 += a, s2 += a * a, a = float64(x) - c (c None: a = float64(x))."""
+    a = np.asarray(x, dtype=np.float64) - (0.0 if c is None else c)
+    s1 += a
+    s2 += a * a
