@@ -768,9 +768,10 @@ class _Segment:
     """Sums over consecutive steps of every parameter, shifted by the segment's first iterate c
     (deviations are small, so the variance does not cancel): n, c, sum(x - c), sum((x - c)^2)."""
 
-    __slots__ = ("n", "c", "s1", "s2", "nl", "l1", "l2")
+    __slots__ = ("n", "c", "s1", "s2", "nl", "l1", "l2", "_moments")
 
     def __init__(self, params):
+        self._moments = {}  # block -> moments(block), while no iterate is added
         self.n = 0
         self.c = tuple(np.array(p, dtype=np.float64) for p in params)
         self.s1 = tuple(np.zeros(p.shape) for p in params)
@@ -784,13 +785,19 @@ class _Segment:
             self.l1 += loss
             self.l2 += loss * loss
         self.n += 1
+        self._moments.clear()
         for c, s1, s2, x in zip(self.c, self.s1, self.s2, params):
             _moment_sums(x, c, s1, s2, workers)
 
     def moments(self, i):
-        """(mean, M2) of block i: the sum of squared deviations from the mean."""
-        m = self.s1[i] / self.n
-        return self.c[i] + m, np.maximum(self.s2[i] - self.s1[i] * m, 0.0)
+        """(mean, M2) of block i: the sum of squared deviations from the mean.  Kept until the next
+        add: a check asks a complete segment for them three times (the window and its halves),
+        and again at every later check while the segment stays in the window."""
+        got = self._moments.get(i)
+        if got is None:
+            m = self.s1[i] / self.n
+            got = self._moments[i] = (self.c[i] + m, np.maximum(self.s2[i] - self.s1[i] * m, 0.0))
+        return got
 
 
 def _combine(moments):
@@ -1093,6 +1100,7 @@ class ConvergenceMonitor:
 def _merge(a, b):
     """One segment of two consecutive ones (shifted by the first one's c)."""
     out = _Segment.__new__(_Segment)
+    out._moments = {}
     out.n, out.c = a.n + b.n, a.c
     out.nl, out.l1, out.l2 = a.nl + b.nl, a.l1 + b.l1, a.l2 + b.l2
     s1, s2 = [], []
