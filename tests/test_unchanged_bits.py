@@ -1,6 +1,7 @@
 """Issue 14, "Unchanged bits": the NumPy and torch Bayesian linear layers and BayesianMLP's training
 give the bits recorded before their code was rewritten as one implementation (tests/layer_bits.py,
-recorded from commit f1e9627 into tests/data/layer_bits.npz).
+recorded from commit f1e9627 into tests/data/layer_bits.npz; BayesianMLP's training recorded again
+when Adam's evaluation order changed, see layer_bits).
 
 The last bits of a matrix product depend on the BLAS kernel the CPU selects, so the comparison is
 exact (assert_array_equal, SHA-256 digests of the medium-sized outputs) where the recording's

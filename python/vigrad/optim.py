@@ -561,7 +561,9 @@ def adam(lr=1e-3, *, b1=0.9, b2=0.999, eps=1e-8, clip_norm=None, clip_value=None
         m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
         p <- p (1 - lr wd) - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-    (the same arithmetic as ``torch.optim.Adam`` / ``AdamW``).
+    (the rule of ``torch.optim.Adam`` / ``AdamW``, equal to rounding: the core evaluates the step
+    as ``a * m / (sqrt(v) * r + eps)`` with ``a = lr / (1 - b1^t)`` and ``r = 1 / sqrt(1 - b2^t)``,
+    one division per element where torch takes two).
 
     Parameters
     ----------

@@ -98,37 +98,41 @@ double bbb_noise_kl(std::uint64_t key, const Real* loc, const Real* rho, std::in
 
 // One Adam step (Kingma & Ba, with bias correction), the arithmetic of vg.optim.adam:
 //   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
-//   p -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps),  t = step + 1.
+//   p -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps),  t = step + 1,
+// evaluated as p - a (m / (sqrt(v) r + eps)) with the scalars a = lr / (1 - b1^t) and
+// r = 1 / sqrt(1 - b2^t) computed once in double: one division and one square root per element.
+// Both go through the one divider, which bounds the loop (Zen 4: ~5 cycles per 4 doubles for a
+// division, ~9 for a square root); with three divisions a step of 10^5 doubles took 187 us on
+// one Zen 4 core, with one 133-137 us.
 template <class Real>
 struct AdamStep {
-  Real bc1, bc2, b1, b2, lr, one_b1, one_b2, eps;
+  Real c1, c2, b1, b2, one_b1, one_b2, eps;  // c1 = lr / (1 - b1^t), c2 = 1 / sqrt(1 - b2^t)
   AdamStep(std::int64_t step, double lr_, double b1_, double b2_, double eps_) {
     const double t = static_cast<double>(step + 1);
-    bc1 = static_cast<Real>(1.0 - std::pow(b1_, t));
-    bc2 = static_cast<Real>(1.0 - std::pow(b2_, t));
+    c1 = static_cast<Real>(lr_ / (1.0 - std::pow(b1_, t)));
+    c2 = static_cast<Real>(1.0 / std::sqrt(1.0 - std::pow(b2_, t)));
     b1 = static_cast<Real>(b1_);
     b2 = static_cast<Real>(b2_);
-    lr = static_cast<Real>(lr_);
     one_b1 = static_cast<Real>(1.0 - b1_);
     one_b2 = static_cast<Real>(1.0 - b2_);
     eps = static_cast<Real>(eps_);
   }
   // One element: (m, v, p) from (g, m, v, p).  Both loops below run this, so in-place and
   // out-of-place steps give the same bits.
-  static inline Real element(Real gj, Real mj, Real vj, Real pj, Real c1, Real c2, Real rb1, Real rb2, Real rlr,
+  static inline Real element(Real gj, Real mj, Real vj, Real pj, Real a, Real r, Real rb1, Real rb2,
                              Real ob1, Real ob2, Real re, Real& m_new, Real& v_new) {
     m_new = rb1 * mj + ob1 * gj;
     v_new = rb2 * vj + ob2 * (gj * gj);
-    return pj - rlr * (m_new / c1) / (std::sqrt(v_new / c2) + re);
+    return pj - a * (m_new / (std::sqrt(v_new) * r + re));
   }
   // p, m, v[0, n) updated in place with the gradient g.  The scalars are copied to locals first:
   // read through `this`, they are Real objects the stores to p, m, v might alias, and gcc reloaded
   // them every iteration and did not vectorise (6x slower).
   void apply(Real* p, const Real* g, Real* m, Real* v, std::int64_t n) const {
-    const Real c1 = bc1, c2 = bc2, rb1 = b1, rb2 = b2, rlr = lr, ob1 = one_b1, ob2 = one_b2, re = eps;
+    const Real a = c1, r = c2, rb1 = b1, rb2 = b2, ob1 = one_b1, ob2 = one_b2, re = eps;
     for (std::int64_t j = 0; j < n; ++j) {
       Real mj, vj;
-      const Real pj = element(g[j], m[j], v[j], p[j], c1, c2, rb1, rb2, rlr, ob1, ob2, re, mj, vj);
+      const Real pj = element(g[j], m[j], v[j], p[j], a, r, rb1, rb2, ob1, ob2, re, mj, vj);
       m[j] = mj;
       v[j] = vj;
       p[j] = pj;
@@ -140,10 +144,10 @@ struct AdamStep {
   void apply_to(const Real* __restrict p, const Real* __restrict g, const Real* __restrict m,
                 const Real* __restrict v, Real* __restrict po, Real* __restrict mo, Real* __restrict vo,
                 std::int64_t n) const {
-    const Real c1 = bc1, c2 = bc2, rb1 = b1, rb2 = b2, rlr = lr, ob1 = one_b1, ob2 = one_b2, re = eps;
+    const Real a = c1, r = c2, rb1 = b1, rb2 = b2, ob1 = one_b1, ob2 = one_b2, re = eps;
     for (std::int64_t j = 0; j < n; ++j) {
       Real mj, vj;
-      po[j] = element(g[j], m[j], v[j], p[j], c1, c2, rb1, rb2, rlr, ob1, ob2, re, mj, vj);
+      po[j] = element(g[j], m[j], v[j], p[j], a, r, rb1, rb2, ob1, ob2, re, mj, vj);
       mo[j] = mj;
       vo[j] = vj;
     }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 __all__ = [
@@ -538,13 +540,20 @@ def gemm(trans_a, trans_b, A, B, C, beta, workers):
     C[...] = _f64(a) @ _f64(b) + (beta * _f64(C) if beta else 0.0)
 
 
+def _adam_scalars(lr, b1, b2, t):
+    """The core's order: lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) is evaluated as
+    a (m / (sqrt(v) r + eps)), a = lr / (1 - b1^t), r = 1 / sqrt(1 - b2^t): one division per element."""
+    return lr / (1.0 - b1**t), 1.0 / math.sqrt(1.0 - b2**t)
+
+
 def adam_update(params, grads, m, v, step, lr, b1, b2, eps, workers):
     """One Adam step in place (params, m, v are written)."""
     t = step + 1
     g = grads
     m[...] = b1 * m + (1 - b1) * g
     v[...] = b2 * v + (1 - b2) * (g * g)
-    params[...] = params - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+    a, r = _adam_scalars(lr, b1, b2, t)
+    params[...] = params - a * (m / (np.sqrt(v) * r + eps))
 
 
 def _decayed(params, decay):
@@ -559,7 +568,8 @@ def optim_adam(params, grads, m, v, out_params, out_m, out_v, step, lr, b1, b2, 
     p = _decayed(params.astype(np.float64), decay)
     m1 = b1 * m + (1 - b1) * g
     v1 = b2 * v + (1 - b2) * (g * g)
-    out_params[...] = p - lr * (m1 / (1 - b1**t)) / (np.sqrt(v1 / (1 - b2**t)) + eps)
+    a, r = _adam_scalars(lr, b1, b2, t)
+    out_params[...] = p - a * (m1 / (np.sqrt(v1) * r + eps))
     out_m[...] = m1
     out_v[...] = v1
     return bool(np.isfinite(g).all())
