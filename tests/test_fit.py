@@ -337,6 +337,31 @@ def test_the_log_joint_gets_a_read_only_z(estimator, map_init):
     assert np.all(np.abs(res.q.mean - m) <= 5 * res.diagnostics.mcse_mean + 0.02)
 
 
+def test_gradient_snr_of_a_large_block_is_over_4096_evenly_spaced_coordinates():
+    """Past 4096 coordinates a block's SNR is the mean over 4096 evenly spaced ones (as its
+    docstring says), computed here from the steps' gradients; the SNR over all of them differs."""
+    d = 5000
+    rng = np.random.default_rng(3)
+    mu, prec = rng.standard_normal(d), rng.uniform(0.5, 4.0, d)
+    grads = []
+
+    def lj(z):
+        r = z - mu
+        return -0.5 * np.einsum("sj,sj->s", r * prec, r), -r * prec
+
+    res = vg.fit(lj, np.zeros(d), rng=0, map_init=False, num_steps=130, psis_samples=0,
+                 callback=lambda s, i: grads.append(i.grads) and False)
+    assert res.diagnostics.steps == 130
+    window = grads[100:]
+    picks = np.unique(np.linspace(0, d - 1, 4096).round().astype(np.intp))
+    assert picks.size == 4096
+    for b, name in enumerate(("loc", "scale")):
+        G = np.array([g[b] for g in window])
+        ratio = np.abs(G.mean(axis=0)) / G.std(axis=0, ddof=1)
+        assert res.diagnostics.grad_snr[name] == pytest.approx(np.mean(ratio[picks]), rel=1e-9)
+        assert res.diagnostics.grad_snr[name] != pytest.approx(np.mean(ratio), rel=1e-9)
+
+
 @pytest.mark.parametrize("fail_at", [37, 130])
 def test_a_failed_step_leaves_the_gradient_snr_of_the_steps_before_it(fail_at):
     """A step whose gradient is not finite does not reach the SNR's running sums (kept in place
