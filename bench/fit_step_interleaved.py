@@ -9,6 +9,13 @@ ms per step of each side and the median and quartiles of the per-round ratio vg.
 
     python bench/fit_step_interleaved.py                    # both log joints, 15 rounds
     python bench/fit_step_interleaved.py --rounds 30 --log-joint gaussian
+    python bench/fit_step_interleaved.py --decompose        # + the parts with the step's own passes
+
+``--decompose`` adds a third side, "parts+passes": the parts plus, as bare kernel calls, the passes
+over the parameters that a step of vg.fit adds to them (the out-of-place Adam of both blocks, the
+next q's softplus with its entropy, the convergence monitor's sums of both blocks), on arrays that
+alternate between two generations as a functional step's do.  vg.fit minus parts+passes is then
+what the Python driver and the memory it touches cost.
 
 Run it on an otherwise idle machine, and name the CPU (lscpu) with its figures.
 """
@@ -25,10 +32,35 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import vigrad as vg  # noqa: E402
+from vigrad import _core  # noqa: E402
+from vigrad.vi import _moment_sums  # noqa: E402
 from test_bench_fit import D, LOG_JOINTS, S, STEPS, _parts, _vi  # noqa: E402
 
 
-def measure(name, rounds):
+def _parts_and_passes(vi, state, steps):
+    """_parts plus the step's own passes over the parameters (see the module docstring)."""
+    q = vi.q_fitted(state)
+    key = int(state.key)
+    x, eps = np.empty((S, D)), np.empty((S, D))
+    p, m, v = [np.zeros(D), np.full(D, 0.5)], [np.zeros(D), np.zeros(D)], [np.zeros(D), np.zeros(D)]
+    gens = [[np.empty(D) for _ in range(7)] for _ in range(2)]  # p, m, v of both blocks; the scales
+    c, s1, s2 = ([np.zeros(D), np.zeros(D)] for _ in range(3))
+    for t in range(steps):
+        q._sample_noise(S, vg.vi._step_key(key, t), vi.workers, out=(x, eps))
+        _, g = vi.log_joint(x)
+        grads = q._pathwise(eps, g, "mc", vi.workers)
+        G = gens[t % 2]
+        for b in range(2):
+            _core.optim_adam(p[b], grads[b], m[b], v[b], G[b], G[2 + b], G[4 + b], t, vg.vi.DEFAULT_LR,
+                             0.9, 0.999, 1e-8, 1.0, vi.workers)
+        _core.mf_scale_entropy(G[0], G[1], G[6], vi.workers)
+        for b in range(2):
+            _moment_sums(G[b], c[b], s1[b], s2[b], vi.workers)
+        p, m, v = G[0:2], G[2:4], G[4:6]
+    return grads
+
+
+def measure(name, rounds, decompose=False):
     log_joint = LOG_JOINTS[name]
     vi = _vi(log_joint)
     state = vi.init(np.zeros(D), rng=0)
@@ -42,6 +74,8 @@ def measure(name, rounds):
         assert res.diagnostics.steps == STEPS
 
     sides = {"vg.fit": fit, "parts": lambda: _parts(vi, state, STEPS)}
+    if decompose:
+        sides["parts+passes"] = lambda: _parts_and_passes(vi, state, STEPS)
     for run in sides.values():  # warm-up
         run()
     times = {side: [] for side in sides}
@@ -50,23 +84,28 @@ def measure(name, rounds):
             t0 = time.perf_counter()
             sides[side]()
             times[side].append((time.perf_counter() - t0) / STEPS * 1e3)
-    ratio = np.array(times["vg.fit"]) / np.array(times["parts"])
-    return {side: float(np.median(v)) for side, v in times.items()}, np.percentile(ratio, [25, 50, 75])
+    parts = np.array(times["parts"])
+    ratios = {side: np.percentile(np.array(v) / parts, [25, 50, 75]) for side, v in times.items() if side != "parts"}
+    return {side: float(np.median(v)) for side, v in times.items()}, ratios
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--log-joint", choices=list(LOG_JOINTS), action="append")
+    parser.add_argument("--decompose", action="store_true",
+                        help="also time the parts with the step's own passes over the parameters")
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error(f"--rounds must be >= 2, got {args.rounds}")
     print(f"d = {D}, S = {S}, {STEPS} steps a round, {args.rounds} rounds, workers = {vg.max_workers}")
-    print(f"{'log joint':<22}{'vg.fit ms/step':>15}{'parts ms/step':>15}{'ratio q25':>11}{'median':>9}{'q75':>8}")
+    print(f"{'log joint':<22}{'side':<14}{'ms/step':>9}{'/ parts q25':>13}{'median':>9}{'q75':>8}")
     for name in args.log_joint or list(LOG_JOINTS):
-        med, (q25, q50, q75) = measure(name, args.rounds)
-        print(f"{name:<22}{med['vg.fit']:>15.2f}{med['parts']:>15.2f}{q25:>11.3f}{q50:>9.3f}{q75:>8.3f}",
-              flush=True)
+        med, ratios = measure(name, args.rounds, args.decompose)
+        for side, ms in med.items():
+            q = ratios.get(side)
+            tail = "" if q is None else f"{q[0]:>13.3f}{q[1]:>9.3f}{q[2]:>8.3f}"
+            print(f"{name:<22}{side:<14}{ms:>9.2f}{tail}", flush=True)
 
 
 if __name__ == "__main__":
