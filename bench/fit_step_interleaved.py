@@ -11,11 +11,13 @@ ms per step of each side and the median and quartiles of the per-round ratio vg.
     python bench/fit_step_interleaved.py --rounds 30 --log-joint gaussian
     python bench/fit_step_interleaved.py --decompose        # + the parts with the step's own passes
 
-``--decompose`` adds a third side, "parts+passes": the parts plus, as bare kernel calls, the passes
+``--decompose`` adds three sides: "parts+passes", the parts plus, as bare kernel calls, the passes
 over the parameters that a step of vg.fit adds to them (the out-of-place Adam of both blocks, the
 next q's softplus with its entropy, the convergence monitor's sums of both blocks), on arrays that
-alternate between two generations as a functional step's do.  vg.fit minus parts+passes is then
-what the Python driver and the memory it touches cost.
+alternate between two generations as a functional step's do; "VI.step", a loop of the functional
+step alone (as vg.fit calls it, without the gradient norm no callback reads); and
+"VI.step+monitor", that loop feeding a ConvergenceMonitor.  vg.fit adds the gradient statistics
+and its own bookkeeping to the last.
 
 Run it on an otherwise idle machine, and name the CPU (lscpu) with its figures.
 """
@@ -60,6 +62,18 @@ def _parts_and_passes(vi, state, steps):
     return grads
 
 
+def _steps(log_joint, steps, monitor):
+    """``steps`` functional steps from z = 0 (as vg.fit takes them), feeding a monitor or not."""
+    vi = _vi(log_joint)
+    state = vi.init(np.zeros(D), rng=0)
+    mon = vg.vi.ConvergenceMonitor(vi) if monitor else None
+    for _ in range(steps):
+        state, info = vi._step(state, grad_norm=False)
+        if mon is not None:
+            mon.update(state, info.loss)
+    return state
+
+
 def measure(name, rounds, decompose=False):
     log_joint = LOG_JOINTS[name]
     vi = _vi(log_joint)
@@ -76,6 +90,8 @@ def measure(name, rounds, decompose=False):
     sides = {"vg.fit": fit, "parts": lambda: _parts(vi, state, STEPS)}
     if decompose:
         sides["parts+passes"] = lambda: _parts_and_passes(vi, state, STEPS)
+        sides["VI.step"] = lambda: _steps(log_joint, STEPS, False)
+        sides["VI.step+monitor"] = lambda: _steps(log_joint, STEPS, True)
     for run in sides.values():  # warm-up
         run()
     times = {side: [] for side in sides}
@@ -99,13 +115,13 @@ def main(argv=None):
     if args.rounds < 2:
         parser.error(f"--rounds must be >= 2, got {args.rounds}")
     print(f"d = {D}, S = {S}, {STEPS} steps a round, {args.rounds} rounds, workers = {vg.max_workers}")
-    print(f"{'log joint':<22}{'side':<14}{'ms/step':>9}{'/ parts q25':>13}{'median':>9}{'q75':>8}")
+    print(f"{'log joint':<22}{'side':<17}{'ms/step':>9}{'/ parts q25':>13}{'median':>9}{'q75':>8}")
     for name in args.log_joint or list(LOG_JOINTS):
         med, ratios = measure(name, args.rounds, args.decompose)
         for side, ms in med.items():
             q = ratios.get(side)
             tail = "" if q is None else f"{q[0]:>13.3f}{q[1]:>9.3f}{q[2]:>8.3f}"
-            print(f"{name:<22}{side:<14}{ms:>9.2f}{tail}", flush=True)
+            print(f"{name:<22}{side:<17}{ms:>9.2f}{tail}", flush=True)
 
 
 if __name__ == "__main__":
