@@ -445,6 +445,48 @@ def test_eval_mode_uses_the_mean_and_sampling_context():
         close(layer(x), y, rtol=0, atol=0)
 
 
+def test_threads_forwarding_one_layer_never_draw_the_same_key(monkeypatch):
+    """Each sampled forward takes the next key of the layer's counter, also when several threads
+    forward one layer at once: with a thread switch forced between the counter's read and its
+    write (vigrad.torch's int() made to sleep), 4 threads x 15 forwards draw the keys of steps
+    0-59, each once, and the counter ends at 60."""
+    import builtins
+    import threading
+    import time
+
+    layer = vgt.BayesianLinear(3, 2, seed=5, workers=1)
+    x = torch.ones(2, 3)
+    real_int, lock, drawn = builtins.int, threading.Lock(), []
+
+    def slow_int(*args):
+        time.sleep(0.0005)  # another thread runs here
+        return real_int(*args)
+
+    original = type(layer)._next_draw
+
+    def spy(self):
+        out = original(self)
+        with lock:
+            drawn.append(out[0])
+        return out
+
+    def work():
+        with torch.no_grad():
+            for _ in range(15):
+                layer(x)
+
+    monkeypatch.setattr(vgt, "int", slow_int, raising=False)
+    monkeypatch.setattr(type(layer), "_next_draw", spy)
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.undo()
+    assert real_int(layer.noise_step[0]) == 60
+    assert sorted(drawn) == sorted(vgt.derive_key(5, t) for t in range(60))
+
+
 def test_seeded_layers_are_reproducible_and_state_dict_resumes_the_noise():
     x = torch.randn(3, 4)
     for est in ESTIMATORS:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import threading
 import time
 from typing import NamedTuple, Optional, Tuple
 
@@ -67,6 +68,10 @@ _KL_MODES = _ops.KL_MODES
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 #: XORed into the key for the local reparameterisation's per-example draws (as vigrad.bnn).
 _LOCAL_KEY_SALT = _ops.LOCAL_KEY_SALT
+#: Serialises the read-and-advance of a layer's noise counter, so that two threads forwarding one
+#: layer at once never draw the same key.  One lock for every layer (a Lock attribute would not
+#: survive copy.deepcopy or pickling of a module), held for two array accesses.
+_COUNTER_LOCK = threading.Lock()
 
 
 class DeviceError(TypeError, ValueError):
@@ -533,8 +538,9 @@ class _BayesianLayer(nn.Module):
         # the buffers through NumPy views of their memory: a torch op per access costs more than the
         # rest of this method (the buffers are CPU int64 tensors outside any autograd graph)
         counters = self.noise_step.numpy()
-        step = int(counters[stream])
-        counters[stream] = step + 1
+        with _COUNTER_LOCK:
+            step = int(counters[stream])
+            counters[stream] = step + 1
         key = self._key(int(self.noise_seed.numpy()), step, stream)
         return key, self._threads.pick(), _KLRecord()
 
@@ -608,7 +614,9 @@ class BayesianLinear(_BayesianLayer):
     ``kl_loss`` after each forward.  In eval mode the forward uses the mean weights, draws nothing
     and leaves ``last_kl`` as it was (the last sampled forward's KL).  Inside ``with
     vgt.sampling(model):`` eval-mode forwards sample, with keys from a separate stream, so
-    evaluating never shifts the training noise.
+    evaluating never shifts the training noise.  Threads forwarding one layer at once each take
+    the next key of its stream (never the same one); ``last_kl`` and ``last_key`` are then those
+    of whichever forward finished last.
     """
 
     def __init__(self, in_features, out_features, *, prior=None, estimator="reparam", kl="mc", init_rho=-7.0,
