@@ -47,14 +47,15 @@ def _parts_and_passes(vi, state, steps):
     p, m, v = [np.zeros(D), np.full(D, 0.5)], [np.zeros(D), np.zeros(D)], [np.zeros(D), np.zeros(D)]
     gens = [[np.empty(D) for _ in range(7)] for _ in range(2)]  # p, m, v of both blocks; the scales
     c, s1, s2 = ([np.zeros(D), np.zeros(D)] for _ in range(3))
+    h = vi.optimizer.hyperparams  # the fit's Adam (a constant lr)
     for t in range(steps):
         q._sample_noise(S, vg.vi._step_key(key, t), vi.workers, out=(x, eps))
         _, g = vi.log_joint(x)
         grads = q._pathwise(eps, g, "mc", vi.workers)
         G = gens[t % 2]
         for b in range(2):
-            _core.optim_adam(p[b], grads[b], m[b], v[b], G[b], G[2 + b], G[4 + b], t, vg.vi.DEFAULT_LR,
-                             0.9, 0.999, 1e-8, 1.0, vi.workers)
+            _core.optim_adam(p[b], grads[b], m[b], v[b], G[b], G[2 + b], G[4 + b], t, h["lr"], h["b1"],
+                             h["b2"], h["eps"], 1.0, vi.workers)
         _core.mf_scale_entropy(G[0], G[1], G[6], vi.workers)
         for b in range(2):
             _moment_sums(G[b], c[b], s1[b], s2[b], vi.workers)

@@ -25,7 +25,8 @@ import numpy as np
 from . import diagnostics as _diag
 from . import optim as _optim
 from ._validation import as_float_array, check_num_samples, check_real, resolve_rng, resolve_workers
-from .vi import DEFAULT_LR, VI, ConvergenceMonitor, FitError, Laplace, _check_init, _has_grads, _moment_sums
+from .vi import (DEFAULT_LR, VI, ConvergenceMonitor, FitError, Laplace, _check_init, _evenly_spaced, _has_grads,
+                 _moment_sums)
 
 __all__ = ["fit", "FitResult", "FitError", "FitDiagnostics"]
 
@@ -125,9 +126,7 @@ class _GradStats:
 
     def add(self, grads):
         if self.sums is None:
-            self.picks = [None if g.size <= _SNR_COORDS else
-                          np.unique(np.linspace(0, g.size - 1, _SNR_COORDS).round().astype(np.intp))
-                          for g in grads]
+            self.picks = [None if g.size <= _SNR_COORDS else _evenly_spaced(g.size, _SNR_COORDS) for g in grads]
             sizes = [g.size if k is None else k.size for g, k in zip(grads, self.picks)]
             self.sums = [[np.zeros(n), np.zeros(n)] for n in sizes]
         for (s1, s2), g, k in zip(self.sums, grads, self.picks):

@@ -754,6 +754,11 @@ class MonitorReport(NamedTuple):
     """How often the window's first half was dropped because the iterates were still drifting."""
 
 
+def _evenly_spaced(n, k):
+    """min(n, k) distinct indices spread evenly over [0, n), first and last included."""
+    return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(np.intp))
+
+
 def _moment_sums(x, c, s1, s2, workers):
     """In place, a = float64(x) - c (c None: a = x): s1 += a, s2 += a * a, in one core pass with
     NumPy's rounding (``_core.moment_sums``).  c, s1, s2: C-contiguous float64 of x's shape."""
@@ -959,7 +964,7 @@ class ConvergenceMonitor:
     def _track(self, params):
         sizes = [p.size for p in params]
         total = sum(sizes)
-        picks = np.unique(np.linspace(0, total - 1, min(total, self._MAX_TRACKED)).round().astype(np.int64))
+        picks = _evenly_spaced(total, self._MAX_TRACKED)
         offsets = np.cumsum([0] + sizes)
         out = []
         for b in range(len(params)):
