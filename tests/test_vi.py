@@ -265,6 +265,56 @@ def test_segment_sums_give_the_window_moments():
     np.testing.assert_allclose(merged.moments(0)[1], m2, rtol=1e-9)
 
 
+def test_combine_in_place_is_the_left_fold_and_the_pooled_moments():
+    """_combine's in-place array path gives the bits of its formula written out as a left fold
+    (mean = (0 + sum n_i m_i) / n, M2 = 0 + sum (M_i + n_i (m_i - mean)^2)), and agrees with
+    two-pass NumPy over the pooled raw data; combining the combined halves (and a middle group)
+    gives the whole window's moments as combining every group does."""
+    rng = np.random.default_rng(7)
+    for k in (1, 2, 5, 16):
+        data = [3.0 + rng.standard_normal((int(rng.integers(2, 30)), 6)) for _ in range(k)]
+        groups = [(len(x), x.mean(axis=0), ((x - x.mean(axis=0)) ** 2).sum(axis=0)) for x in data]
+        signed = [(g_n, g_m.copy(), g_M) for g_n, g_m, g_M in groups]
+        signed[0][1][0] = -0.0  # the fold starts at +0: (0 + -0.0) is +0.0
+        for gs in (groups, signed):
+            n, mean, m2 = vgvi._combine(gs)
+            want_mean = 0
+            for g_n, g_m, _ in gs:
+                want_mean = want_mean + g_n * g_m
+            want_mean = want_mean / n
+            want_m2 = 0
+            for g_n, g_m, g_M in gs:
+                want_m2 = want_m2 + (g_M + g_n * (g_m - want_mean) ** 2)
+            np.testing.assert_array_equal(mean, want_mean)
+            np.testing.assert_array_equal(np.signbit(mean), np.signbit(want_mean))
+            np.testing.assert_array_equal(m2, want_m2)
+        n, mean, m2 = vgvi._combine(groups)
+        pooled = np.concatenate(data)
+        assert n == len(pooled)
+        np.testing.assert_allclose(mean, pooled.mean(axis=0), rtol=1e-14)
+        np.testing.assert_allclose(m2, ((pooled - pooled.mean(axis=0)) ** 2).sum(axis=0), rtol=1e-10)
+        h = k // 2
+        if h:
+            halves = [vgvi._combine(groups[:h])] + groups[h:k - h] + [vgvi._combine(groups[k - h:])]
+            n2, mean2, m22 = vgvi._combine(halves)
+            assert n2 == n
+            np.testing.assert_allclose(mean2, mean, rtol=1e-14)
+            np.testing.assert_allclose(m22, m2, rtol=1e-10)
+    # scalars (the -ELBO's groups) take the plain formula
+    assert vgvi._combine([(2, 1.0, 0.5), (2, 3.0, 0.5)]) == (4, 2.0, 5.0)
+
+
+def test_mcse_units_mean_field_against_numpy():
+    """The mean-field units by the core's softplus and sigmoid: 1 / sd and sigmoid(rho) / sd."""
+    rng = np.random.default_rng(3)
+    loc, rho = rng.standard_normal((4, 5)), 3.0 * rng.standard_normal((4, 5))
+    u_loc, u_rho = vgvi._mcse_units("meanfield", (loc, rho), 2)
+    sd = np.logaddexp(0.0, rho)
+    np.testing.assert_allclose(u_loc, 1.0 / sd, rtol=1e-14)
+    np.testing.assert_allclose(u_rho, 1.0 / (1.0 + np.exp(-rho)) / sd, rtol=1e-14)
+    assert u_loc.shape == u_rho.shape == rho.shape
+
+
 @pytest.mark.parametrize("family", ["fullrank", "meanfield"])
 def test_monitor_mcse_covers_the_error_of_the_average(family):
     """Over 20 seeds of a Gaussian target (where the optimum is known: the mean is MU for both
