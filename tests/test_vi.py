@@ -51,6 +51,23 @@ def test_step_is_pure(family, kw, estimator):
     assert all(not p.flags.writeable for p in a.params)  # a state cannot be changed by accident
 
 
+def test_only_the_steps_own_states_skip_the_optimizer_checks():
+    """VI.step lets the optimiser skip its checks for the state its own last step (or init) made,
+    recognised by identity (test_step_is_pure compares that path with the checked one); a state
+    with an optimiser state from elsewhere is checked, and a clipping optimiser always is."""
+    vi = vg.VI(LJ, optimizer=vg.optim.adam(0.05))
+    s1, _ = vi.step(vi.init(np.zeros(3), rng=0))
+    foreign = vg.optim.adam(0.05).init((np.zeros(4), np.zeros(4)))
+    with pytest.raises(ValueError, match=r"state\.m\[0\] must match params\[0\]"):
+        vi.step(s1._replace(opt_state=foreign))
+    clipped = vg.optim.adam(0.05, clip_norm=0.1)
+    vi = vg.VI(LJ, optimizer=clipped)
+    s0 = vi.init(np.zeros(3), rng=0)
+    s1, info = vi.step(s0)
+    params, opt_state = clipped.update(info.grads, s0.opt_state, s0.params)
+    assert_states_equal(s1, s0._replace(params=params, opt_state=opt_state, step=np.array(1, dtype=np.int64)))
+
+
 def test_resume_from_a_pickled_state_gives_the_same_bits():
     vi = vg.VI(LJ, "fullrank", optimizer=vg.optim.adam(0.05), num_samples=8)
     state = vi.init(np.zeros(3), rng=1, precondition=True)

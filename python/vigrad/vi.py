@@ -588,6 +588,7 @@ class VI:
         params = tuple(_frozen(np.array(p, dtype=np.float64)) for p in params)
         self._cls._from_params(params)  # the family's own checks
         opt_state = self.optimizer.init(params)
+        self._local.made = (opt_state, params)
         return VIState(params, opt_state, np.array(key, dtype=np.uint64), np.array(0, dtype=np.int64),
                        _frozen(shift), _frozen(T))
 
@@ -687,14 +688,17 @@ class VI:
         del z, x, eps  # the work arrays are free for the next step
         if entropy is None:
             entropy = _entropy(q, nw)
-        loss = -float(log_p.mean()) - entropy - self._log_det(T)
+        loss = -(float(log_p.sum()) / S) - entropy - self._log_det(T)  # log_p.mean()'s bits, without its overhead
         if not math.isfinite(loss):
             raise FitError(f"the fit diverged at step {t}: the -ELBO is not finite", t, None)
         try:
             # the optimiser's kernel reports a non-finite gradient (in the family's gradients,
             # which are non-finite whenever an input is): the (S, d) ones are searched only then
+            # a state this VI's step made (or init), unchanged: the optimiser skips its checks
+            made = getattr(self._local, "made", None)
+            trusted = made is not None and made[0] is state.opt_state and made[1] is params
             new_params, opt_state = self.optimizer.update(grads, state.opt_state, params, workers=nw,
-                                                          _alloc=self._recycle())
+                                                          _alloc=self._recycle(), **({"_trusted": True} if trusted else {}))
         except ValueError:
             if not all(np.isfinite(gb).all() for gb in grads):
                 if g is not None:
@@ -708,6 +712,7 @@ class VI:
             self._local.q = (new_params, *self._q_entropy(new_params, nw))  # checked; the next step's q
         except ValueError as exc:
             raise FitError(f"the fit diverged at step {t}: {exc}", t, None) from None
+        self._local.made = (opt_state, new_params)
         info = VIInfo(loss, _optim._global_norm(grads, self._recycle()) if grad_norm else math.nan, tuple(grads))
         return VIState(new_params, opt_state, state.key, np.array(t + 1, dtype=np.int64), shift, T), info
 
