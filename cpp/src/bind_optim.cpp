@@ -151,6 +151,44 @@ void def_optim(py::module_& m) {
 void bind_optim(py::module_& m) {
   def_optim<double>(m);
   def_optim<float>(m);
+  m.def(
+      "combine_moments",
+      [](const std::vector<double>& counts, const std::vector<carray<double>>& means,
+         const std::vector<carray<double>>& m2s, carray<double> out_mean, carray<double> out_m2, int workers) {
+        const std::size_t k = counts.size();
+        if (k == 0) throw py::value_error("counts must hold at least one group, got none");
+        if (means.size() != k || m2s.size() != k)
+          throw py::value_error("means and m2s must hold one array per group (" + std::to_string(k) + "), got " +
+                                std::to_string(means.size()) + " and " + std::to_string(m2s.size()));
+        require_ndim(out_mean, 1, "out_mean");
+        const std::int64_t n = out_mean.shape(0);
+        require_shape(out_m2, {n}, "out_m2", "(n,) like out_mean");
+        if (!out_mean.writeable() || !out_m2.writeable()) throw py::value_error("out_mean and out_m2 must be writeable");
+        if (overlaps(out_mean, out_m2)) throw py::value_error("out_mean must not overlap out_m2");
+        std::vector<const double*> mp(k), Mp(k);
+        for (std::size_t i = 0; i < k; ++i) {
+          if (!(counts[i] >= 1.0) || counts[i] != static_cast<double>(static_cast<std::int64_t>(counts[i])))
+            throw py::value_error("counts must be positive integers, got " + std::to_string(counts[i]) + " at " +
+                                  std::to_string(i));
+          require_shape(means[i], {n}, "means[i]", "(n,) like out_mean");
+          require_shape(m2s[i], {n}, "m2s[i]", "(n,) like out_mean");
+          for (const py::array* in : {static_cast<const py::array*>(&means[i]), static_cast<const py::array*>(&m2s[i])})
+            if (overlaps(*in, out_mean) || overlaps(*in, out_m2))
+              throw py::value_error("out_mean and out_m2 must not overlap the groups' arrays");
+          mp[i] = means[i].data();
+          Mp[i] = m2s[i].data();
+        }
+        check_workers(workers);
+        double *om = out_mean.mutable_data(), *oM = out_m2.mutable_data();
+        const double* cp = counts.data();
+        py::gil_scoped_release release;
+        core::kernels<double>().combine_moments(mp.data(), Mp.data(), cp, static_cast<std::int64_t>(k), n, om, oM,
+                                                workers);
+      },
+      py::arg("counts"), py::arg("means").noconvert(), py::arg("m2s").noconvert(), py::arg("out_mean").noconvert(),
+      py::arg("out_m2").noconvert(), py::arg("workers"),
+      "Into out_mean and out_m2, the (mean, M2) of the union of groups given per element as (counts[i], "
+      "means[i], m2s[i]), by the left folds of vg.vi._combine with NumPy's rounding (Chan et al.'s update).");
 }
 
 }  // namespace vigrad::bind

@@ -187,6 +187,7 @@ Kernels<Real> make_kernels() {
   k.mf_entropy = &mf_entropy<Real>;
   k.mf_scale_entropy = &mf_scale_entropy<Real>;
   k.moment_sums = &moment_sums<Real>;
+  k.combine_moments = &combine_moments;
   k.prior_log_prob = [](const PriorArgs<Real>& p, const Real* w, std::int64_t S, std::int64_t D, Real* out,
                         double* work, int workers) {
     with_prior<true>(p, [&](const auto& prior) { prior_log_prob<Real>(prior, w, S, D, out, work, workers); });

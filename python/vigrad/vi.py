@@ -805,34 +805,33 @@ class _Segment:
         and again at every later check while the segment stays in the window."""
         got = self._moments.get(i)
         if got is None:
+            # mean = c + s1 / n and M2 = max(s2 - s1 * (s1 / n), 0), in two arrays
             m = self.s1[i] / self.n
-            got = self._moments[i] = (self.c[i] + m, np.maximum(self.s2[i] - self.s1[i] * m, 0.0))
+            mean = self.c[i] + m
+            np.multiply(self.s1[i], m, out=m)
+            np.subtract(self.s2[i], m, out=m)
+            got = self._moments[i] = (mean, np.maximum(m, 0.0, out=m))
         return got
 
 
-def _combine(moments):
+def _combine(moments, workers=1):
     """(n, mean, M2) of the union of groups given as [(n, mean, M2)] (Chan et al.'s update).
 
     mean = (0 + n_1 m_1 + n_2 m_2 + ...) / n and M2 = 0 + sum_i (M_i + n_i (m_i - mean)^2), left
-    to right; for arrays in place, into two new arrays and one scratch (a check combines up to 16
-    segments of every parameter: one temporary per operation was most of its time at d = 10^5)."""
+    to right.  Arrays: one core pass over the groups (``_core.combine_moments``, NumPy's
+    rounding); a check combines up to 16 segments of every parameter, and the NumPy fold took
+    five passes and temporaries per segment."""
     n = sum(k for k, _, _ in moments)
     if not isinstance(moments[0][1], np.ndarray):
         mean = sum(k * m for k, m, _ in moments) / n
         m2 = sum(M + k * (m - mean) ** 2 for k, m, M in moments)
         return n, mean, m2
-    shape = np.broadcast_shapes(*(m.shape for _, m, _ in moments))
-    mean, m2, tmp = np.zeros(shape), np.zeros(shape), np.empty(shape)
-    for k, m, _ in moments:
-        np.multiply(k, m, out=tmp)
-        mean += tmp
-    mean /= n
-    for k, m, M in moments:
-        np.subtract(m, mean, out=tmp)
-        np.square(tmp, out=tmp)
-        tmp *= k
-        np.add(M, tmp, out=tmp)
-        m2 += tmp
+    shape = moments[0][1].shape
+    mean, m2 = np.empty(shape), np.empty(shape)
+    _core.combine_moments([float(k) for k, _, _ in moments],
+                          [np.ascontiguousarray(m, dtype=np.float64).reshape(-1) for _, m, _ in moments],
+                          [np.ascontiguousarray(M, dtype=np.float64).reshape(-1) for _, _, M in moments],
+                          mean.reshape(-1), m2.reshape(-1), workers)
     return n, mean, m2
 
 
@@ -1053,14 +1052,15 @@ class ConvergenceMonitor:
             col += sel.size
         h = k // 2
         nb = len(self._state.params)
+        nw = self.vi.workers
         # the window's halves, then the whole window from them (and the middle segment when k is
         # odd): each segment is read twice, not three times
         halves, whole = [], []
         for i in range(nb):
-            A = _combine([(sg.n, *sg.moments(i)) for sg in segs[:h]])
-            B = _combine([(sg.n, *sg.moments(i)) for sg in segs[k - h:]])
+            A = _combine([(sg.n, *sg.moments(i)) for sg in segs[:h]], nw)
+            B = _combine([(sg.n, *sg.moments(i)) for sg in segs[k - h:]], nw)
             halves.append((A, B))
-            whole.append(_combine([A] + [(sg.n, *sg.moments(i)) for sg in segs[h:k - h]] + [B]))
+            whole.append(_combine([A] + [(sg.n, *sg.moments(i)) for sg in segs[h:k - h]] + [B], nw))
         mean = tuple(w[1] for w in whole)
         units = _mcse_units(self.vi.family, mean, self.vi.workers)
         n_params = sum(np.size(m) for m in mean)
@@ -1121,7 +1121,8 @@ class ConvergenceMonitor:
         segs = self._segments + ([self._current] if self._current is not None else [])
         if not segs:
             return self._state.params
-        return tuple(_combine([(sg.n, *sg.moments(i)) for sg in segs])[1] for i in range(len(self._state.params)))
+        return tuple(_combine([(sg.n, *sg.moments(i)) for sg in segs], self.vi.workers)[1]
+                     for i in range(len(self._state.params)))
 
     def q(self):
         """The family at the window average, in the original coordinates."""

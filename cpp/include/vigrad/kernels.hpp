@@ -115,6 +115,8 @@ struct Kernels {
                        double decay, int workers);
   // stats.hpp
   void (*moment_sums)(const Real* x, const double* c, double* s1, double* s2, std::int64_t n, int workers);
+  void (*combine_moments)(const double* const* means, const double* const* m2s, const double* counts, std::int64_t k,
+                          std::int64_t n, double* mean, double* m2, int workers);
 };
 
 struct KernelTable {

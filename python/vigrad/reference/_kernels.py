@@ -612,3 +612,18 @@ def moment_sums(x, c, s1, s2, workers):
     a = np.asarray(x, dtype=np.float64) - (0.0 if c is None else c)
     s1 += a
     s2 += a * a
+
+
+def combine_moments(counts, means, m2s, out_mean, out_m2, workers):
+    """Into out_mean and out_m2: the (mean, M2) of the union of groups (counts[i], means[i], m2s[i]),
+    mean = (0 + sum_i counts_i means_i) / total and M2 = 0 + sum_i (m2s_i + counts_i (means_i - mean)^2),
+    folded left to right."""
+    total = float(sum(counts))
+    acc = np.zeros(out_mean.shape)
+    for k, m in zip(counts, means):
+        acc = acc + float(k) * m
+    out_mean[...] = acc / total
+    acc = np.zeros(out_mean.shape)
+    for k, m, M in zip(counts, means, m2s):
+        acc = acc + (M + (m - out_mean) ** 2 * float(k))
+    out_m2[...] = acc
