@@ -563,6 +563,8 @@ def _make(name, hyper, schedule, clip_norm, clip_value, weight_decay, moment_fie
         new_params, new_moments = [], {f: [] for f in moment_fields}
         finite = True
         for i, (p, g) in enumerate(zip(params, grads)):
+            if g.dtype != p.dtype:
+                g = g.astype(p.dtype)
             out_p = alloc(p.shape, p.dtype)
             out_m = {f: alloc(p.shape, p.dtype) for f in moment_fields}
             ok = kernel(p.reshape(-1), g.reshape(-1), {f: getattr(state, f)[i].reshape(-1) for f in moment_fields},
