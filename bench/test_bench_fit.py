@@ -128,3 +128,27 @@ def _run(benchmark, counts, log_joint, vi, state, impl):
                 log_joint(z)
 
         benchmark.pedantic(_counting(calls, counts), rounds=3, iterations=1)
+
+
+LONG_STEPS = 400
+
+
+@pytest.mark.parametrize("impl", ["vg.fit", "parts"])
+def test_fit_steps_with_checks_against_their_parts(benchmark, impl):
+    """The same ratio over 400 steps: the 50 steps above never reach a convergence check (the
+    monitor tests no window shorter than 150 steps), a real fit takes one every 10-40 steps.
+    vg.fit runs with a tolerance it cannot reach (1e-9), so it takes every step; the Gaussian log
+    joint only (the costly one: bench/fit_step_interleaved.py --steps 400)."""
+    log_joint = LOG_JOINTS["gaussian"]
+    tag(benchmark, "fit-steps-with-checks-d1e5-gaussian", impl=impl, d=D, S=S, steps=LONG_STEPS)
+    if impl == "vg.fit":
+        res = benchmark.pedantic(vg.fit, args=(log_joint, np.zeros(D)),
+                                 kwargs=dict(rng=0, num_steps=LONG_STEPS, map_init=False, psis_samples=0,
+                                             num_samples=S, tol=1e-9),
+                                 rounds=3, iterations=1)
+        assert res.diagnostics.steps == LONG_STEPS and np.isfinite(res.losses).all()
+    else:
+        vi = _vi(log_joint)
+        state = vi.init(np.zeros(D), rng=0)
+        grads = benchmark.pedantic(_parts, args=(vi, state, LONG_STEPS), rounds=3, iterations=1)
+        assert all(np.isfinite(g).all() for g in grads)
