@@ -467,8 +467,9 @@ def test_combine_moments_is_the_numpy_fold_to_the_bit(n, k):
     out = np.empty(n)
     with pytest.raises(ValueError, match="one array per group"):
         _core.combine_moments(counts, means[:-1], m2s, out, np.empty(n), 1)
-    with pytest.raises(ValueError, match="counts must be positive integers"):
-        _core.combine_moments([0.5] * k, means, m2s, out, np.empty(n), 1)
+    for bad in (0.5, 0.0, -3.0, 1e300, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="counts must be positive integers"):
+            _core.combine_moments([bad] * k, means, m2s, out, np.empty(n), 1)
     with pytest.raises(ValueError, match="out_m2"):
         _core.combine_moments(counts, means, m2s, out, np.empty(n + 1), 1)
     with pytest.raises(ValueError, match="must not overlap the groups"):

@@ -167,7 +167,9 @@ void bind_optim(py::module_& m) {
         if (overlaps(out_mean, out_m2)) throw py::value_error("out_mean must not overlap out_m2");
         std::vector<const double*> mp(k), Mp(k);
         for (std::size_t i = 0; i < k; ++i) {
-          if (!(counts[i] >= 1.0) || counts[i] != static_cast<double>(static_cast<std::int64_t>(counts[i])))
+          // a whole number in [1, 2^53] (the cast below is defined only in range: tested first)
+          if (!(counts[i] >= 1.0 && counts[i] <= 9007199254740992.0) ||
+              counts[i] != static_cast<double>(static_cast<std::int64_t>(counts[i])))
             throw py::value_error("counts must be positive integers, got " + std::to_string(counts[i]) + " at " +
                                   std::to_string(i));
           require_shape(means[i], {n}, "means[i]", "(n,) like out_mean");
