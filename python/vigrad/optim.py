@@ -483,9 +483,8 @@ def _make(name, hyper, schedule, clip_norm, clip_value, weight_decay, moment_fie
         fields = {f: (_zeros_like(arrs) if f in moment_fields else ()) for f in tuple_fields}
         return state_type(step=_step_array(0), **fields)
 
-    def update(grads, state, params, *, inplace=False, workers=None, _alloc=None, _trusted=False):
-        if _trusted and clip_value is None and clip_norm is None:
-            return _update_made(grads, state, params, workers, _alloc)
+    def _checked(grads, state, params, inplace, workers):
+        """update()'s arguments checked: (params, grads in their dtype, clipped, single, step, lr, workers)."""
         p_arrs, single = _as_tuple(params, "params")
         g_raw, _ = _as_tuple(grads, "grads")
         if len(g_raw) != len(p_arrs):
@@ -525,7 +524,18 @@ def _make(name, hyper, schedule, clip_norm, clip_value, weight_decay, moment_fie
             g_arrs = _clip_value(g_arrs, clip_value)
         if clip_norm is not None:
             g_arrs = _clip_norm(g_arrs, clip_norm)
+        return p_arrs, g_arrs, single, step, lr, nw
 
+    def update(grads, state, params, *, inplace=False, workers=None, _alloc=None, _trusted=False):
+        if _trusted and clip_value is None and clip_norm is None:
+            # vg.vi's step, out of place, on a state this optimiser made from these very params (vg.vi
+            # checks that by identity) and the family's gradients of their shapes: the checks are
+            # skipped (they were most of a step's Python at small d), the arithmetic is the same
+            p_arrs, single, step, nw = tuple(params), False, int(state.step), workers
+            g_arrs = tuple(g.astype(p.dtype, copy=False) for g, p in zip(grads, p_arrs))
+            lr = _lr_at(schedule, step)
+        else:
+            p_arrs, g_arrs, single, step, lr, nw = _checked(grads, state, params, inplace, workers)
         decay = 1.0 - lr * weight_decay if weight_decay else 1.0
         new_params, new_moments = [], {f: [] for f in moment_fields}
         outputs = []
@@ -551,32 +561,6 @@ def _make(name, hyper, schedule, clip_norm, clip_value, weight_decay, moment_fie
         fields = {f: (tuple(new_moments[f]) if f in moment_fields else ()) for f in tuple_fields}
         new_state = state_type(step=_step_array(step + 1), **fields)
         return (new_params[0] if single else tuple(new_params)), new_state
-
-    def _update_made(grads, state, params, workers, alloc):
-        """update() out of place for vg.vi's step, on a state this optimiser made from the same
-        params (vg.vi checks that by identity) and the family's gradients, which have the params'
-        shapes and dtype: the checks are skipped (they were most of a step's Python at small d),
-        the kernels and their arithmetic are those of update()."""
-        step = int(state.step)
-        lr = _lr_at(schedule, step)
-        decay = 1.0 - lr * weight_decay if weight_decay else 1.0
-        new_params, new_moments = [], {f: [] for f in moment_fields}
-        finite = True
-        for i, (p, g) in enumerate(zip(params, grads)):
-            if g.dtype != p.dtype:
-                g = g.astype(p.dtype)
-            out_p = alloc(p.shape, p.dtype)
-            out_m = {f: alloc(p.shape, p.dtype) for f in moment_fields}
-            ok = kernel(p.reshape(-1), g.reshape(-1), {f: getattr(state, f)[i].reshape(-1) for f in moment_fields},
-                        out_p.reshape(-1), {f: a.reshape(-1) for f, a in out_m.items()}, step, lr, decay, workers)
-            finite = finite and ok
-            new_params.append(out_p)
-            for f in moment_fields:
-                new_moments[f].append(out_m[f])
-        if not finite:
-            _check_finite_grads(grads)
-        fields = {f: (tuple(new_moments[f]) if f in moment_fields else ()) for f in tuple_fields}
-        return tuple(new_params), state_type(step=_step_array(step + 1), **fields)
 
     return Optimizer(name=name, init=init, update=update, hyperparams=MappingProxyType(hyper))
 

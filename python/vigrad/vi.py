@@ -698,7 +698,7 @@ class VI:
             made = getattr(self._local, "made", None)
             trusted = made is not None and made[0] is state.opt_state and made[1] is params
             new_params, opt_state = self.optimizer.update(grads, state.opt_state, params, workers=nw,
-                                                          _alloc=self._recycle(), **({"_trusted": True} if trusted else {}))
+                                                          _alloc=self._recycle(), _trusted=trusted)
         except ValueError:
             if not all(np.isfinite(gb).all() for gb in grads):
                 if g is not None:
